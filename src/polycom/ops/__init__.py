@@ -1,0 +1,1 @@
+"""Kernels: each op has an eager reference (the released formula) and a fused path."""
