@@ -1,4 +1,4 @@
-"""Tiny randomly initialised configs of every family polycom.hf supports (test helper)."""
+"""Tiny randomly initialised configs of every family polycom.hf supports (tests, smoke checks)."""
 
 from __future__ import annotations
 
