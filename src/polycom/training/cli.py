@@ -1,0 +1,60 @@
+"""``polycom train``: pretrain one transformer on real text.
+
+    polycom train --config configs/tiny.toml --set model.activation=polynorm --out runs/x
+    polycom train --config tiny --set train.max_steps=200 data.corpus=./my_texts/ --out runs/y
+    polycom train --out runs/x --resume           # continue after a stop or a kill
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import list_presets, load_config
+from ..errors import UserError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help=f"a TOML file or a preset name ({', '.join(list_presets())}); default: tiny")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. model.activation=polynorm train.max_steps=200")
+    parser.add_argument("--out", required=True, help="run folder (config, metrics.jsonl, checkpoint, summary)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--cache-dir", default=None, help="token/tokenizer cache (default: data.cache_dir, $POLYCOM_CACHE or ~/.cache/polycom)")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    out_dir = Path(args.out)
+    if args.resume:
+        saved = out_dir / "config.json"
+        if not (out_dir / "checkpoint.pt").exists():
+            raise UserError(f"--resume: {out_dir} holds no checkpoint.pt to resume from")
+        config_source = args.config if args.config != "tiny" or not saved.is_file() else None
+        if config_source is None:  # resume the saved config unless one was named explicitly
+            try:
+                saved_cfg = json.loads(saved.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise UserError(f"--resume: {saved} is unreadable ({exc}); pass --config again") from None
+            from ..config import RunConfig, apply_overrides
+
+            cfg = apply_overrides(RunConfig.from_dict(saved_cfg), args.overrides).validate()
+        else:
+            cfg = load_config(config_source, args.overrides)
+    else:
+        if (out_dir / "checkpoint.pt").exists():
+            raise UserError(f"run folder {out_dir} already holds a run; pass --resume to continue it, or choose a new --out")
+        cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, out_dir, resume=args.resume, progress=not args.no_progress, cache_dir=args.cache_dir)
+    val = summary["final_val_loss"]
+    print(
+        f"{summary['status']}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
+        f"val loss {val:.4f}" if val is not None else f"{summary['status']}: {summary['steps']} steps",
+        f"| {summary['tokens_per_s'] or 0:,.0f} tokens/s | {out_dir}",
+    )
+    return 1 if summary["status"] == "diverged" else 0
