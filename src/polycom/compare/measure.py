@@ -1,0 +1,280 @@
+"""Post-training measurements of one run: cost at inference, memory, and the paper's analyses.
+
+All measured on the run's final weights, on CPU, in the sweep's process:
+
+- ``prefill_ms``: one forward over a ``prompt_tokens``-long prompt from the validation
+  split (median over repeats after a warm-up).
+- ``decode_ms_per_token``: greedy decoding with the KV cache; the per-token time is
+  (time to generate 1 + N tokens - time to generate 1 token) / N, so the prefill cancels
+  (medians over repeats).
+- ``saved_bytes_per_ffn_activation``: bytes the FFN activation keeps for the backward
+  pass on a training-shaped batch, counted exactly with
+  ``torch.autograd.graph.saved_tensors_hooks`` while inside the activation module (each
+  storage counted once), averaged over layers; also as a ratio to the activation's input.
+- ``flops_per_token``: model FLOPs per token (6N + attention term) from the workbench.
+- ``effective_rank``: per layer, the entropy effective rank exp(H(p)), p = s / sum(s) over
+  the singular values s of each FFN weight matrix (Roy & Vetterli 2007; the paper's
+  analysis), averaged over the layer's FFN matrices; per matrix in ``effective_rank_detail``.
+- ``layer_similarity``: cosine similarity between the hidden states of every pair of
+  layers (embedding output and each block's output), averaged over the tokens of
+  ``similarity_batches`` validation batches; the paper reports lower similarity of
+  successive layers for PolyCom.
+- ``coefficients``: the learned PolyCom weight/bias of each layer at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+import polycom
+from polycom.activations import GatedActivation, PolyCom
+
+
+# --------------------------------------------------------------------------- peak memory
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux: ``/proc/self/clear_refs`` with 5), so the next
+    reading is the peak of what follows. Returns False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> Optional[float]:
+    """Process peak RSS in MiB (VmHWM on Linux, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except Exception:  # pragma: no cover
+        return None
+
+
+# --------------------------------------------------------------------------- linear algebra
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """Entropy effective rank exp(-sum p_i log p_i), p = s / sum(s) of the singular values.
+
+    Ranges from 1 (rank one) to min(rows, cols) (all singular values equal).
+    """
+    s = torch.linalg.svdvals(matrix.detach().to(torch.float64))
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def layer_cosine_similarity(hidden_states: List[torch.Tensor]) -> np.ndarray:
+    """(L, L) matrix: mean over tokens of cos(h_i[token], h_j[token]) for every layer pair."""
+    flat = [h.detach().reshape(-1, h.shape[-1]).to(torch.float64) for h in hidden_states]
+    normed = [f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12) for f in flat]
+    n = len(normed)
+    out = np.eye(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            out[i, j] = out[j, i] = float((normed[i] * normed[j]).sum(-1).mean())
+    return out
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+def ffn_modules(model: nn.Module) -> List[nn.Module]:
+    """Each block's FFN (contract: ``model.blocks[i].ffn``)."""
+    return [block.ffn for block in model.blocks]
+
+
+def ffn_linear_weights(ffn: nn.Module) -> Dict[str, torch.Tensor]:
+    """Weight matrices of an FFN's nn.Linear modules, by name (experts included)."""
+    out = {}
+    for name, module in ffn.named_modules():
+        if isinstance(module, nn.Linear) and "router" not in name and "gate_proj_router" not in name:
+            out[name or "linear"] = module.weight
+    # Expert weights stored as 3-D parameters (E, out, in) rather than nn.Linear.
+    for name, param in ffn.named_parameters():
+        if param.dim() == 3:
+            for e in range(param.shape[0]):
+                out[f"{name}[{e}]"] = param[e]
+    return out
+
+
+def activation_modules(ffn: nn.Module, activation: str) -> List[nn.Module]:
+    """The activation module(s) inside an FFN: modules of the type the registry builds for
+    ``activation`` (outermost only, so a GatedActivation's inner SiLU is not double-counted)."""
+    wanted = type(polycom.get_activation(activation))
+    found: List[nn.Module] = []
+    for module in ffn.modules():
+        if type(module) is wanted and not any(module is m or _contains(m, module) for m in found):
+            found.append(module)
+    return found
+
+
+def _contains(parent: nn.Module, child: nn.Module) -> bool:
+    return any(m is child for m in parent.modules())
+
+
+def find_polycom_modules(model: nn.Module) -> List[PolyCom]:
+    return [m for m in model.modules() if isinstance(m, PolyCom)]
+
+
+# --------------------------------------------------------------------------- measurements
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, lazy init)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def inference_latency(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repeats: int) -> Dict[str, float]:
+    """Prefill latency (one forward over the prompt, building the KV cache) and per-token
+    greedy decode latency (``decode_tokens`` single-token steps on that cache, divided by
+    their number), each the median over ``repeats`` timed repeats after a warm-up."""
+    model.eval()
+    with torch.inference_mode():
+        prefill = _median_time(lambda: model(prompt, use_cache=True), repeats)
+        first = model(prompt, use_cache=True)
+
+        def decode():
+            out = first
+            next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            for _ in range(decode_tokens):
+                out = model(next_id, kv_cache=out.kv_cache)
+                next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+
+        per_token = _median_time(decode, repeats) / decode_tokens
+    return {"prefill_ms": prefill * 1e3, "decode_ms_per_token": per_token * 1e3,
+            "prompt_tokens": int(prompt.shape[1]), "decode_tokens": int(decode_tokens), "repeats": int(repeats)}
+
+
+def saved_bytes_per_activation(model: nn.Module, activation: str, input_ids: torch.Tensor, targets: torch.Tensor) -> Dict[str, Any]:
+    """Bytes saved for backward inside each FFN activation on one training-shaped batch."""
+    model.train()
+    acts = [activation_modules(ffn, activation) for ffn in ffn_modules(model)]
+    flat = [m for layer in acts for m in layer]
+    if not flat:
+        return {"saved_bytes_per_ffn_activation": None, "saved_bytes_ratio": None,
+                "note": f"no {activation} module found inside the FFNs"}
+    state = {"current": None}
+    saved: Dict[int, Dict[int, int]] = {id(m): {} for m in flat}
+    input_bytes: Dict[int, int] = {id(m): 0 for m in flat}
+
+    def pre_hook(module, args):
+        state["current"] = id(module)
+        input_bytes[id(module)] += sum(a.numel() * a.element_size() for a in args if torch.is_tensor(a))
+
+    def post_hook(module, args, output):
+        state["current"] = None
+
+    def pack(t: torch.Tensor):
+        cur = state["current"]
+        if cur is not None:
+            try:
+                key = t.untyped_storage().data_ptr()
+                size = t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):
+                key, size = id(t), t.numel() * t.element_size()
+            saved[cur][key] = max(saved[cur].get(key, 0), size)
+        return t
+
+    handles = []
+    for m in flat:
+        handles.append(m.register_forward_pre_hook(pre_hook))
+        handles.append(m.register_forward_hook(post_hook))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids, targets=targets)
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+    per_layer = []
+    ratios = []
+    for layer in acts:
+        total = sum(sum(saved[id(m)].values()) for m in layer)
+        inp = sum(input_bytes[id(m)] for m in layer)
+        per_layer.append(total)
+        if inp:
+            ratios.append(total / inp)
+    return {
+        "saved_bytes_per_ffn_activation": float(np.mean(per_layer)),
+        "saved_bytes_per_layer": per_layer,
+        "saved_bytes_ratio": float(np.mean(ratios)) if ratios else None,
+        "saved_bytes_batch_shape": list(input_ids.shape),
+    }
+
+
+def hidden_state_similarity(model: nn.Module, batches: List[torch.Tensor]) -> Dict[str, Any]:
+    model.eval()
+    total = None
+    with torch.inference_mode():
+        for ids in batches:
+            out = model(ids, output_hidden_states=True)
+            sim = layer_cosine_similarity(list(out.hidden_states))
+            total = sim if total is None else total + sim
+    matrix = total / len(batches)
+    adjacent = [float(matrix[i, i + 1]) for i in range(matrix.shape[0] - 1)]
+    return {"layer_similarity": matrix.tolist(), "adjacent_similarity": adjacent,
+            "mean_adjacent_similarity": float(np.mean(adjacent)) if adjacent else None}
+
+
+def ffn_effective_ranks(model: nn.Module) -> Dict[str, Any]:
+    per_layer, detail = [], []
+    for ffn in ffn_modules(model):
+        ranks = {name: effective_rank(w) for name, w in ffn_linear_weights(ffn).items()}
+        detail.append(ranks)
+        per_layer.append(float(np.mean(list(ranks.values()))) if ranks else None)
+    return {"effective_rank": per_layer, "effective_rank_detail": detail}
+
+
+def polycom_coefficients(model: nn.Module) -> List[Dict[str, Any]]:
+    return [{"layer": i, "weight": m.weight.detach().float().tolist(), "bias": m.bias.detach().float().flatten().tolist()}
+            for i, m in enumerate(find_polycom_modules(model))]
+
+
+def measure_model(model: nn.Module, activation: str, dataset, measure_cfg, seq_len: int, max_seq_len: int) -> Dict[str, Any]:
+    """Run every measurement on a trained model (see the module docstring).
+
+    Inputs come from ``dataset.eval_batches`` (fixed validation windows, independent of
+    the seed), so every run is measured on the same tokens.
+    """
+    torch.manual_seed(0)
+    result: Dict[str, Any] = {}
+    seq_len = min(int(measure_cfg.seq_len or seq_len), max_seq_len)
+    batches = list(dataset.eval_batches(measure_cfg.batch_size, seq_len, max(1, measure_cfg.similarity_batches)))
+
+    # Prompt + decoded tokens must fit the model's context (RoPE table of max_seq_len).
+    prompt_len = max(1, min(measure_cfg.prompt_tokens, seq_len, max_seq_len - measure_cfg.decode_tokens))
+    decode = max(1, min(measure_cfg.decode_tokens, max_seq_len - prompt_len))
+    prompt = batches[0][0][:1, :prompt_len].clone()
+    result.update(inference_latency(model, prompt, decode, measure_cfg.latency_repeats))
+
+    ids, targets = batches[0]
+    result.update(saved_bytes_per_activation(model, activation, ids, targets))
+    model.zero_grad(set_to_none=True)
+
+    result.update(hidden_state_similarity(model, [x for x, _ in batches]))
+    result.update(ffn_effective_ranks(model))
+    result["coefficients"] = polycom_coefficients(model)
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
