@@ -37,6 +37,13 @@ def rows_per_block(num_rows: int, row_width: int, device: torch.device) -> int:
     return max(1, min(num_rows, BLOCK_ELEMENTS // max(row_width, 1)))
 
 
+def elements_per_block(numel: int, device: torch.device) -> int:
+    """Elements handled together by an elementwise op in eager mode (see rows_per_block)."""
+    if device.type != "cpu" or is_compiling():
+        return max(numel, 1)
+    return max(1, min(numel, BLOCK_ELEMENTS))
+
+
 def no_autocast(device: torch.device):
     """The fused ops choose their own precision (fp32 inside); autocast must not recast them."""
     if device.type in ("cpu", "cuda"):

@@ -41,6 +41,7 @@ tensor, and Inductor fuses the statistics into one reduction and the polynomial 
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -133,7 +134,7 @@ class PolyNormFunction(torch.autograd.Function):
 def _poly_norm_forward(ctx, x, weight, bias, eps):
     order = weight.shape[0]
     width = x.shape[-1] if x.dim() > 0 else 1
-    rows2d = x.reshape(-1, width)
+    rows2d = x.reshape(math.prod(x.shape[:-1]), width)
     dtype = compute_dtype(x, weight, bias)
     weight_ascending = weight.to(dtype).flip(0)
     bias_c = None if bias is None else bias.to(dtype)

@@ -35,15 +35,9 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import BLOCK_ELEMENTS, compute_dtype, is_compiling, no_autocast
+from ._common import compute_dtype, elements_per_block, no_autocast
 
 __all__ = ["poly_relu_fused", "PolyReLUFunction"]
-
-
-def _block_size(numel: int, device: torch.device) -> int:
-    if device.type != "cpu" or is_compiling():
-        return max(numel, 1)
-    return max(1, min(numel, BLOCK_ELEMENTS))
 
 
 def _forward_block(x: torch.Tensor, weight_ascending: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -110,7 +104,7 @@ def _poly_relu_forward(ctx, x, weight, bias):
     numel = flat.numel()
     if numel == 0:
         return torch.empty_like(x)
-    block = _block_size(numel, x.device)
+    block = elements_per_block(numel, x.device)
     if block >= numel:
         return _forward_block(flat.to(dtype), weight_ascending, bias_c).to(x.dtype).reshape(x.shape)
     out = torch.empty_like(flat)
@@ -136,7 +130,7 @@ def _poly_relu_backward(ctx, grad_output):
         grad_dot_powers = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
         grad_input = torch.zeros(ctx.shape, dtype=flat.dtype, device=flat.device) if need_x else None
     else:
-        block = _block_size(numel, flat.device)
+        block = elements_per_block(numel, flat.device)
         if block >= numel:
             grad_input, grad_dot_powers = _backward_block(
                 flat.to(dtype), grad_flat.to(dtype), weight_ascending, need_x, need_w
