@@ -46,8 +46,10 @@ def _print_verdict(out: Path) -> None:
     import json
 
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    print("\nverdict:")
+    from .verdict import display_name
+
+    print(f"\nverdict (baseline {display_name(summary['baseline'])}):")
     for v in summary["verdict"]:
-        print(f"  {v['activation']}: {v['decision'].upper()} - {v['reason']}")
+        print(f"  {display_name(v['activation'])}: {v['decision'].upper()} - {v['reason']}")
     if summary.get("incomplete_runs"):
         print(f"  incomplete runs: {', '.join(summary['incomplete_runs'])} (re-run the same command to finish them)")

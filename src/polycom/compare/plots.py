@@ -34,11 +34,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def _smooth(values: List[float], window: int = 5) -> List[float]:
-    if len(values) < window:
-        return values
-    kernel = np.ones(window) / window
-    padded = np.concatenate([np.full(window - 1, values[0]), values])
-    return np.convolve(padded, kernel, mode="valid").tolist()
+    """Trailing mean over up to ``window`` points (no padding, so the start is not biased)."""
+    return [float(np.mean(values[max(0, i - window + 1): i + 1])) for i in range(len(values))]
 
 
 def _run_curves(db: SweepDB, summary: Dict[str, Any]):
