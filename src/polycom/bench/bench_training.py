@@ -42,7 +42,8 @@ DEFAULT_ACTIVATIONS = "swiglu,polynorm,polyrelu,gelu,relu"
 CSV_FIELDS = [
     "timestamp", "host", "cpu_threads", "torch", "polycom", "git_commit", "preset", "precision", "batch_size", "seq_len",
     "activation", "ffn", "intermediate_size", "parameters", "ffn_parameters", "steps", "step_time_s", "step_time_p20_s",
-    "step_time_p80_s", "tokens_per_s", "ratio_vs_baseline", "ratio_of_medians", "model_tflops_per_s", "saved_for_backward_mb",
+    "step_time_p80_s", "tokens_per_s", "ratio_vs_baseline", "ratio_of_medians", "cpu_step_time_s", "cpu_ratio_vs_baseline",
+    "model_tflops_per_s", "saved_for_backward_mb",
 ]
 
 
@@ -103,7 +104,7 @@ def benchmark_training(
         lr = LRSchedule(tc).lr(tc.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        runs[name] = {"cfg": model_cfg, "model": model, "optimizer": optimizer, "times": []}
+        runs[name] = {"cfg": model_cfg, "model": model, "optimizer": optimizer, "times": [], "cpu_times": []}
         x, y = batches[0][:, :-1], batches[0][:, 1:]
         runs[name]["saved_bytes"] = _saved_bytes(model, x, y)
 
@@ -118,7 +119,7 @@ def benchmark_training(
         for name in order:
             run = runs[name]
             model, optimizer = run["model"], run["optimizer"]
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if autocast is not None:
                 with autocast:
                     out = model(x, targets=y)
@@ -129,9 +130,10 @@ def benchmark_training(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
             if round_index >= warmup:
                 run["times"].append(elapsed)
+                run["cpu_times"].append(cpu_elapsed)
         if progress:
             print(f"\rround {round_index + 1}/{total_rounds}", end="", flush=True)
     if progress:
@@ -161,11 +163,15 @@ def benchmark_training(
             "saved_for_backward_mb": round(run["saved_bytes"] / 2**20, 2),
             "ratio_vs_baseline": None,
             "ratio_of_medians": None,
+            "cpu_step_time_s": round(statistics.median(run["cpu_times"]), 5),
+            "cpu_ratio_vs_baseline": None,
         }
         if base is not None:
             per_round = [t / b for t, b in zip(times, base["times"])]
             row["ratio_vs_baseline"] = round(statistics.median(per_round), 4)
             row["ratio_of_medians"] = round(median / statistics.median(base["times"]), 4)
+            cpu_per_round = [t / b for t, b in zip(run["cpu_times"], base["cpu_times"])]
+            row["cpu_ratio_vs_baseline"] = round(statistics.median(cpu_per_round), 4)
         rows.append(row)
     return rows
 
@@ -185,17 +191,20 @@ def _markdown(rows: List[Dict], context: Dict, baseline: str) -> str:
         f"Machine: {context['host']}, {context['cpu_threads']} torch threads; torch {context['torch']}, polycom {context['polycom']} "
         f"({context['git_commit']}); {context['timestamp']}.",
         "",
-        f"Ratio = median over rounds of (step time / {baseline} step time in the same round); p20/p80 of step time in brackets.",
+        f"Ratio = median over rounds of (step time / {baseline} step time in the same round); p20/p80 of wall step time in brackets. "
+        "CPU ratio: the same with process CPU time, which other processes' load does not inflate (the robust number on a "
+        "shared machine when torch uses 1 thread; with more threads it also counts their spin-waiting).",
         "",
-        "| activation | FFN | hidden | params | step time (s) [p20, p80] | tokens/s | ratio vs " + baseline + " | ratio of medians | saved for backward (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| activation | FFN | hidden | params | wall step time (s) [p20, p80] | tokens/s | ratio vs " + baseline + " | ratio of medians | CPU step time (s) | CPU ratio | saved for backward (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = "-" if r["ratio_vs_baseline"] is None else f"{r['ratio_vs_baseline']:.3f}"
         rom = "-" if r["ratio_of_medians"] is None else f"{r['ratio_of_medians']:.3f}"
+        cpu = "-" if r["cpu_ratio_vs_baseline"] is None else f"{r['cpu_ratio_vs_baseline']:.3f}"
         lines.append(
             f"| {r['activation']} | {r['ffn']} | {r['intermediate_size']} | {r['parameters'] / 1e6:.3f}M | "
-            f"{r['step_time_s']:.4f} [{r['step_time_p20_s']:.4f}, {r['step_time_p80_s']:.4f}] | {r['tokens_per_s']:,.0f} | {ratio} | {rom} | {r['saved_for_backward_mb']:.1f} |"
+            f"{r['step_time_s']:.4f} [{r['step_time_p20_s']:.4f}, {r['step_time_p80_s']:.4f}] | {r['tokens_per_s']:,.0f} | {ratio} | {rom} | {r['cpu_step_time_s']:.4f} | {cpu} | {r['saved_for_backward_mb']:.1f} |"
         )
     lines += ["", "Load from other processes on a shared machine inflates absolute times; the interleaved ratios are the comparable numbers.", ""]
     return "\n".join(lines)
