@@ -22,7 +22,7 @@ so shared coefficients are fitted exactly on the block output. Per-expert coeffi
 fitted per expert on that expert's own routed contribution (decoupled; the joint problem
 couples the top-k experts of each token).
 
-During the calibration pass each converted FFN returns the ORIGINAL FFN's output (forward
+During the calibration pass each converted FFN computes and returns the ORIGINAL FFN's output (forward
 hook), so every layer sees the inputs the original model would give it: all layers are
 calibrated in one pass, each on its own recorded inputs, independently of the others.
 """
@@ -124,6 +124,9 @@ class _DenseUnit:
         full = target if bias is None else target + bias
         return full.reshape(*shape[:-1], full.shape[-1])
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.observe(x).to(x.dtype)
+
     def results(self, ridge: float) -> List[dict]:
         c = self.acc.solve(ridge)
         _set_coefficients(self.act, c)
@@ -180,6 +183,9 @@ class _ExpertsUnit:
             self.accs[0].add(features, target)
         return target.to(hidden_states.dtype)
 
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.observe(hidden_states, top_k_index, top_k_weights)
+
     def results(self, ridge: float) -> List[dict]:
         out = []
         for expert, (act, acc, initial) in enumerate(zip(self.acts, self.accs, self.initial)):
@@ -225,7 +231,7 @@ def calibrate(model: nn.Module, original_activations: Dict[str, nn.Module], batc
     of the FFN output before (initial coefficients) and after the fit, fitted weight and bias.
     """
     units = []
-    handles = []
+    patched: List[nn.Module] = []
     for site in find_ffn_sites(model):
         original = original_activations.get(site.path)
         if original is None:
@@ -234,21 +240,12 @@ def calibrate(model: nn.Module, original_activations: Dict[str, nn.Module], batc
             raise UserError("calibration needs the gated placement (ffn='gated'): the paper placement has new FFN weights")
         if not isinstance(site.activation, PolyCom) and not (isinstance(site.activation, nn.ModuleList)):
             continue
-        if site.kind == "experts":
-            unit = _ExpertsUnit(site, original)
-
-            def hook(module, args, kwargs, output, unit=unit):
-                names = ("hidden_states", "top_k_index", "top_k_weights")
-                values = list(args) + [kwargs[n] for n in names[len(args):]]
-                return unit.observe(*values[:3])
-        else:
-            unit = _DenseUnit(site, original)
-
-            def hook(module, args, kwargs, output, unit=unit):
-                x = args[0] if args else next(iter(kwargs.values()))
-                return unit.observe(x).to(output.dtype)
+        unit = _ExpertsUnit(site, original) if site.kind == "experts" else _DenseUnit(site, original)
         units.append(unit)
-        handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+        # The FFN's forward is replaced for the pass: it records features and returns the
+        # ORIGINAL FFN's output (the PolyCom output would be discarded, so it is not computed).
+        site.module.forward = unit.forward
+        patched.append(site.module)
     if not units:
         raise UserError("no converted PolyCom FFN to calibrate; run polycom.hf.convert(model, ffn='gated') first")
     was_training = model.training
@@ -257,8 +254,8 @@ def calibrate(model: nn.Module, original_activations: Dict[str, nn.Module], batc
         for batch in batches:
             model(input_ids=batch, use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in patched:
+            del module.forward  # back to the class's forward
         model.train(was_training)
     results = []
     for unit in units:
