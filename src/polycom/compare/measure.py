@@ -39,9 +39,35 @@ from polycom.activations import GatedActivation, PolyCom
 
 # --------------------------------------------------------------------------- peak memory
 
+def current_rss_mb() -> Optional[float]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def release_free_memory() -> None:
+    """Give freed memory back to the OS (gc, then glibc's malloc_trim), so a run's peak RSS
+    is not inflated by what earlier runs of the same sweep left in the heap."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Reset the process's peak RSS (Linux: ``/proc/self/clear_refs`` with 5), so the next
     reading is the peak of what follows. Returns False where that is not possible."""
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

@@ -156,13 +156,13 @@ def run_rows(summary: Dict[str, Any]) -> List[List[str]]:
                      _tokens(r.get("tokens_seen")) if r.get("tokens_seen") else "n/a", _tokens(r.get("tokens_to_target")),
                      _num(r.get("step_time_s"), "{:.3f}"), _num(r.get("tokens_per_s"), "{:.0f}"), _num(r.get("peak_rss_mb"), "{:.0f}"),
                      _num(r.get("params"), "{:,}"), _num(r.get("prefill_ms"), "{:.1f}"), _num(r.get("decode_ms_per_token"), "{:.2f}"),
-                     f"{_num(g.get('median'), '{:.3f}')} / {_num(g.get('p95'), '{:.3f}')} / {_num(g.get('max'), '{:.3f}')}",
+                     f"{_num(g.get('median'), '{:.3f}')} / {_num(g.get('p95'), '{:.3f}')} / {_num(g.get('max'), '{:.3f}')} ({g.get('spikes', 0)})",
                      f"{r.get('loss_spikes', 0)} / {r.get('nonfinite_events', 0)} / {r.get('rollbacks', 0)}", note])
     return rows
 
 
 RUN_HEADER = ["activation", "seed", "status", "final val loss", "tokens", "tokens to target", "step s", "tokens/s",
-              "peak RSS MiB", "params", "prefill ms", "decode ms/token", "grad norm median / p95 / max",
+              "peak RSS MiB", "params", "prefill ms", "decode ms/token", "grad norm median / p95 / max (spikes > 3x median)",
               "spikes / non-finite / rollbacks", "note"]
 
 

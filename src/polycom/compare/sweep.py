@@ -224,7 +224,12 @@ def run_sweep(
     from ..training import train
 
     out_dir = Path(out_dir)
-    db = open_sweep(cfg, out_dir)
+    lock = _lock_folder(out_dir)
+    try:
+        db = open_sweep(cfg, out_dir)
+    except BaseException:
+        lock.close()
+        raise
     try:
         db.put("meta", _sweep_meta())
         order = run_order(cfg)
@@ -250,6 +255,23 @@ def run_sweep(
         return db.runs()
     finally:
         db.close()
+        lock.close()
+
+
+def _lock_folder(out_dir: Path):
+    """An exclusive lock on the output folder: two sweeps writing one folder would race."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / ".compare.lock", "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+        pass
+    except OSError:
+        handle.close()
+        raise UserError(f"another `polycom compare` is running on {out_dir}; wait for it or choose another --out") from None
+    return handle
 
 
 def _train_one(db, cfg, row, run_cfg, run_path, train, count_parameters, model_flops_per_token, show, index, progress) -> RunRow:
@@ -261,6 +283,9 @@ def _train_one(db, cfg, row, run_cfg, run_path, train, count_parameters, model_f
     db.update_run(row["id"], status="running", started_at=row["started_at"] or utc_now(), attempts=row["attempts"] + 1,
                   config_json=run_cfg.to_dict(), error=None)
     reset_ok = _reset_peak()
+    from .measure import current_rss_mb
+
+    rss_at_start = current_rss_mb()
     try:
         summary = train(run_cfg, run_path, resume=True, progress=progress, should_stop=rule)
     except KeyboardInterrupt:
@@ -282,6 +307,7 @@ def _train_one(db, cfg, row, run_cfg, run_path, train, count_parameters, model_f
 
     rss = peak_rss_mb()
     summary["peak_rss_mb_run"] = rss if reset_ok else None
+    summary["rss_at_start_mb"] = rss_at_start
     # The workbench says "completed"; the sweep's vocabulary is finished / stopped / failed.
     raw_status = summary.get("status") or "completed"
     status = {"completed": "finished", "finished": "finished", "stopped": "stopped", "diverged": "diverged"}.get(raw_status, "failed")
