@@ -175,6 +175,15 @@ def provenance(summary: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+RUN_PROVENANCE_HEADER = ["activation", "seed", "run folder", "git commit", "torch", "started", "finished", "attempts"]
+
+
+def run_provenance_rows(summary: Dict[str, Any]) -> List[List[str]]:
+    return [[display_name(r["activation"]), str(r["seed"]), str(r.get("out_dir") or ""), str(r.get("git_commit") or "n/a"),
+             str(r.get("torch_version") or "n/a"), str(r.get("started_at") or ""), str(r.get("finished_at") or ""),
+             str(r.get("attempts") or 0)] for r in summary["runs"]]
+
+
 # --------------------------------------------------------------------------- markdown
 
 def _md_table(header: List[str], rows: List[List[str]]) -> str:
@@ -207,6 +216,7 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, Path]) -> str:
         lines += [f"### {PLOTS[name][0]}", "", f"![{PLOTS[name][0]}](plots/{path.name})", ""]
     lines += ["## Configuration and provenance", "", "Versions:", ""]
     lines += [f"- {k}: {v}" for k, v in provenance(summary).items()]
+    lines += ["", "Runs:", "", _md_table(RUN_PROVENANCE_HEADER, run_provenance_rows(summary))]
     lines += ["", "Compare config (the run config every run starts from; each run sets `model.activation` and `train.seed`):", "",
               "```json", json.dumps(summary["config"], indent=2), "```", ""]
     return "\n".join(lines)
@@ -260,7 +270,8 @@ def render_html(summary: Dict[str, Any], plots: Dict[str, Path]) -> str:
     parts.append("</section>")
     parts.append('<section id="provenance"><h2>Configuration and provenance</h2><table><tbody>'
                  + "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in provenance(summary).items())
-                 + "</tbody></table><p>Compare config (the run config every run starts from; each run sets "
+                 + "</tbody></table>" + _html_table(RUN_PROVENANCE_HEADER, run_provenance_rows(summary), "run-provenance")
+                 + "<p>Compare config (the run config every run starts from; each run sets "
                  "<code>model.activation</code> and <code>train.seed</code>):</p>"
                  f"<pre>{e(json.dumps(summary['config'], indent=2))}</pre></section>")
     parts.append("</body></html>")

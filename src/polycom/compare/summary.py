@@ -85,6 +85,12 @@ def run_record(db: SweepDB, row: Dict[str, Any]) -> Dict[str, Any]:
         "rollbacks": event_counts.get("rollback", 0),
         "events": event_counts,
         "measured": bool(row.get("measured_at")),
+        "out_dir": row.get("out_dir"),
+        "git_commit": (row.get("meta") or {}).get("git_commit"),
+        "torch_version": (row.get("meta") or {}).get("torch"),
+        "started_at": row.get("started_at"),
+        "finished_at": row.get("finished_at"),
+        "attempts": row.get("attempts"),
     }
 
 
