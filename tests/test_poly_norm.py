@@ -31,12 +31,15 @@ def _parameters(order, dtype=torch.float32, seed=0):
     return weight, bias
 
 
-@pytest.fixture(params=["default", "tiny"], ids=["blocks-default", "blocks-tiny"])
+@pytest.fixture(params=["default", "tiny", "functional"], ids=["blocks-default", "blocks-tiny", "functional"])
 def block_elements(request, monkeypatch):
-    """Run the eager CPU path with its normal block size and with blocks of a few rows,
-    so the multi-block loop (and its last, partial block) is exercised on small shapes."""
+    """Run the blocked eager CPU kernels with their normal block size and with blocks of a
+    few rows (the multi-block loop and its last, partial block), and the functional form
+    that torch.compile and other devices use, in eager mode."""
     if request.param == "tiny":
         monkeypatch.setattr(_common, "BLOCK_ELEMENTS", 300)
+    if request.param == "functional":
+        monkeypatch.setattr(_common, "BLOCKED_EAGER", False)
     return request.param
 
 
@@ -76,6 +79,13 @@ def test_parity_with_many_blocks(shape, dtype, monkeypatch):
     """Blocks of a few rows: the eager loop, including its last partial block."""
     monkeypatch.setattr(_common, "BLOCK_ELEMENTS", 100)
     _check_parity(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_parity_functional_path(dtype, monkeypatch):
+    """The functional form (what torch.compile traces) in eager mode."""
+    monkeypatch.setattr(_common, "BLOCKED_EAGER", False)
+    _check_parity((3, 5, 40), dtype)
 
 
 def _check_parity(shape, dtype):

@@ -30,11 +30,13 @@ def _parameters(order, dtype=torch.float32, seed=0):
     return weight, bias
 
 
-@pytest.mark.parametrize("tiny_blocks", [False, True], ids=["blocks-default", "blocks-tiny"])
+@pytest.mark.parametrize("path", ["blocks-default", "blocks-tiny", "functional"])
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
-def test_gradcheck_fp64(order, tiny_blocks, monkeypatch):
-    if tiny_blocks:
+def test_gradcheck_fp64(order, path, monkeypatch):
+    if path == "blocks-tiny":
         monkeypatch.setattr(_common, "BLOCK_ELEMENTS", 7)
+    if path == "functional":  # the form torch.compile traces, run eagerly
+        monkeypatch.setattr(_common, "BLOCKED_EAGER", False)
     torch.manual_seed(order)
     # keep inputs away from relu's kink at 0, where finite differences are meaningless
     x = torch.randn(4, 9, dtype=torch.float64)
@@ -72,6 +74,12 @@ def test_parity_against_fp64_truth(shape, dtype):
 def test_parity_with_many_blocks(shape, dtype, monkeypatch):
     monkeypatch.setattr(_common, "BLOCK_ELEMENTS", 50)
     _check_parity(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_parity_functional_path(dtype, monkeypatch):
+    monkeypatch.setattr(_common, "BLOCKED_EAGER", False)
+    _check_parity((3, 5, 40), dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

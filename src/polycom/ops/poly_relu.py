@@ -24,38 +24,39 @@ rho^3 intermediate), so the fused path is finite on a strictly larger range; bey
 inf is the correct fp16 answer. The input gradient (1/3 + 2/3 x + x^2 with the default
 weights) stays finite in fp16 up to x ~ 255.
 
-Execution mirrors :mod:`polycom.ops.poly_norm`: cache-sized blocks in eager CPU mode,
-one whole-tensor block (fused by Inductor) under ``torch.compile`` or off-CPU.
+Execution mirrors :mod:`polycom.ops.poly_norm`: cache-sized blocks with reused
+workspaces in eager CPU mode, plain functional ops on the whole tensor (fused by
+Inductor) under ``torch.compile`` or off-CPU.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import compute_dtype, elements_per_block, no_autocast
+from . import _common
+from ._common import compute_dtype, no_autocast, use_blocked_eager
 
 __all__ = ["poly_relu_fused", "PolyReLUFunction"]
 
 
-def _forward_block(x: torch.Tensor, weight_ascending: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """b + sum_k w_k relu(x)^k by Horner; x, weight, bias already in the compute dtype."""
+# Functional form: whole tensor, for torch.compile (Inductor fuses it) and other devices.
+
+
+def _forward_functional(x, weight_ascending, bias):
+    """b + sum_k w_k relu(x)^k by Horner; inputs already in the compute dtype."""
     order = weight_ascending.shape[0]
     rho = torch.relu(x)
     acc = weight_ascending[order - 1]
     for k in range(order - 1, 0, -1):
         acc = torch.addcmul(weight_ascending[k - 1], acc, rho)
-    if bias is None:
-        return acc * rho
-    return torch.addcmul(bias, acc, rho)
+    return acc * rho if bias is None else torch.addcmul(bias, acc, rho)
 
 
-def _backward_block(
-    x: torch.Tensor, grad: torch.Tensor, weight_ascending: torch.Tensor, need_input_grad: bool, need_weight_grad: bool
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(dx, S) for a block, S[k-1] = sum(g * relu(x)^k) (the block's share of dw_k)."""
+def _backward_functional(x, grad, weight_ascending, need_input_grad, need_weight_grad):
+    """(dx or None, S or None), S[k-1] = sum(g * relu(x)^k)."""
     order = weight_ascending.shape[0]
     rho = torch.relu(x)
     grad_dot_powers = None
@@ -74,6 +75,91 @@ def _backward_block(
     for k in range(order - 1, 0, -1):
         slope = torch.addcmul(k_times_w[k - 1], slope, rho)
     grad_input = torch.where(x > 0, grad * slope, torch.zeros((), dtype=x.dtype, device=x.device))
+    return grad_input, grad_dot_powers
+
+
+# Blocked eager form (CPU): same formulas over flat blocks, reused workspaces, out= ops.
+
+
+def _elements_per_block(numel: int) -> int:
+    return max(1, min(numel, _common.BLOCK_ELEMENTS))
+
+
+def _horner_into(out, rho, coefficients):
+    """out = sum_k coefficients[k-1] * rho^{k-1} for order >= 2 (0-d coefficients)."""
+    order = coefficients.shape[0]
+    torch.addcmul(coefficients[order - 2], rho, coefficients[order - 1], out=out)
+    for k in range(order - 2, 0, -1):
+        torch.addcmul(coefficients[k - 1], out, rho, out=out)
+
+
+def _forward_blocked(flat, weight_ascending, bias, dtype):
+    numel = flat.numel()
+    order = weight_ascending.shape[0]
+    block = _elements_per_block(numel)
+    convert = flat.dtype != dtype
+    out = torch.empty(numel, dtype=flat.dtype, device=flat.device)
+    rho_work = torch.empty(block, dtype=dtype)
+    acc_work = torch.empty(block, dtype=dtype) if order > 1 else None
+    for start in range(0, numel, block):
+        stop = min(start + block, numel)
+        size = stop - start
+        if convert:
+            rho = rho_work[:size].copy_(flat[start:stop]).clamp_min_(0)
+        else:
+            rho = torch.clamp_min(flat[start:stop], 0, out=rho_work[:size])
+        if order == 1:
+            acc = weight_ascending[0]
+        else:
+            acc = acc_work[:size]
+            _horner_into(acc, rho, weight_ascending)
+        if bias is None:
+            torch.mul(acc, rho, out=out[start:stop])
+        else:
+            torch.addcmul(bias, acc, rho, out=out[start:stop])
+    return out
+
+
+def _backward_blocked(flat, grad_flat, weight_ascending, need_input_grad, need_weight_grad, dtype):
+    numel = flat.numel()
+    order = weight_ascending.shape[0]
+    block = _elements_per_block(numel)
+    convert_x = flat.dtype != dtype
+    convert_grad = grad_flat.dtype != dtype
+    grad_input = torch.empty(numel, dtype=flat.dtype) if need_input_grad else None
+    k_times_w = weight_ascending * torch.arange(1, order + 1, dtype=dtype)
+    rho_work = torch.empty(block, dtype=dtype)
+    grad_work = torch.empty(block, dtype=dtype) if convert_grad else None
+    moment_work = torch.empty(block, dtype=dtype) if need_weight_grad else None
+    slope_work = torch.empty(block, dtype=dtype) if need_input_grad else None
+    partial_sums: List[torch.Tensor] = []
+    for start in range(0, numel, block):
+        stop = min(start + block, numel)
+        size = stop - start
+        x = flat[start:stop]
+        if convert_x:
+            rho = rho_work[:size].copy_(x).clamp_min_(0)
+        else:
+            rho = torch.clamp_min(x, 0, out=rho_work[:size])
+        grad = grad_flat[start:stop]
+        if convert_grad:
+            grad = grad_work[:size].copy_(grad)
+        if need_weight_grad:
+            moment = torch.mul(grad, rho, out=moment_work[:size])
+            sums = [moment.sum()]
+            for _ in range(1, order):
+                sums.append(moment.mul_(rho).sum())
+            partial_sums.append(torch.stack(sums))
+        if need_input_grad:
+            # dx = g * [x > 0] * sum_k k w_k rho^{k-1}
+            if order == 1:
+                slope = torch.mul(grad, k_times_w[0], out=slope_work[:size])
+            else:
+                slope = slope_work[:size]
+                _horner_into(slope, rho, k_times_w)
+                slope.mul_(grad)
+            torch.mul(slope, x > 0, out=grad_input[start:stop])
+    grad_dot_powers = torch.stack(partial_sums).sum(0) if need_weight_grad else None
     return grad_input, grad_dot_powers
 
 
@@ -101,17 +187,11 @@ def _poly_relu_forward(ctx, x, weight, bias):
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.bias_shape = None if bias is None else bias.shape
     ctx.save_for_backward(flat, weight)
-    numel = flat.numel()
-    if numel == 0:
+    if flat.numel() == 0:
         return torch.empty_like(x)
-    block = elements_per_block(numel, x.device)
-    if block >= numel:
-        return _forward_block(flat.to(dtype), weight_ascending, bias_c).to(x.dtype).reshape(x.shape)
-    out = torch.empty_like(flat)
-    for start in range(0, numel, block):
-        stop = min(start + block, numel)
-        out[start:stop] = _forward_block(flat[start:stop].to(dtype), weight_ascending, bias_c)
-    return out.reshape(x.shape)
+    if use_blocked_eager(x.device):
+        return _forward_blocked(flat, weight_ascending, bias_c, dtype).reshape(x.shape)
+    return _forward_functional(flat.to(dtype), weight_ascending, bias_c).to(x.dtype).reshape(x.shape)
 
 
 def _poly_relu_backward(ctx, grad_output):
@@ -125,33 +205,17 @@ def _poly_relu_backward(ctx, grad_output):
     if not (need_x or need_w):
         return grad_input, grad_weight, grad_bias
     weight_ascending = weight.to(dtype).flip(0)
-    numel = flat.numel()
-    if numel == 0:
+    if flat.numel() == 0:
         grad_dot_powers = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-        grad_input = torch.zeros(ctx.shape, dtype=flat.dtype, device=flat.device) if need_x else None
+        grad_input = torch.zeros_like(flat) if need_x else None
+    elif use_blocked_eager(flat.device):
+        grad_input, grad_dot_powers = _backward_blocked(flat, grad_flat, weight_ascending, need_x, need_w, dtype)
     else:
-        block = elements_per_block(numel, flat.device)
-        if block >= numel:
-            grad_input, grad_dot_powers = _backward_block(
-                flat.to(dtype), grad_flat.to(dtype), weight_ascending, need_x, need_w
-            )
-            if need_x:
-                grad_input = grad_input.to(flat.dtype)
-        else:
-            grad_input = torch.empty_like(flat) if need_x else None
-            partial_sums = []
-            for start in range(0, numel, block):
-                stop = min(start + block, numel)
-                dx, sums = _backward_block(
-                    flat[start:stop].to(dtype), grad_flat[start:stop].to(dtype), weight_ascending, need_x, need_w
-                )
-                if need_x:
-                    grad_input[start:stop] = dx
-                if need_w:
-                    partial_sums.append(sums)
-            grad_dot_powers = torch.stack(partial_sums).sum(0) if need_w else None
+        grad_input, grad_dot_powers = _backward_functional(flat.to(dtype), grad_flat.to(dtype), weight_ascending, need_x, need_w)
         if need_x:
-            grad_input = grad_input.reshape(ctx.shape)
+            grad_input = grad_input.to(flat.dtype)
+    if need_x:
+        grad_input = grad_input.reshape(ctx.shape)
     if need_w:
         grad_weight = grad_dot_powers.flip(0).to(weight.dtype)
     return grad_input, grad_weight, grad_bias
