@@ -69,6 +69,9 @@ def test_full_compare_writes_every_file(full_sweep):
         assert run["status"] == "finished"
         assert run["final_val_loss"] is not None and 3.0 < run["final_val_loss"] < 7.0
         assert run["prefill_ms"] > 0 and run["decode_ms_per_token"] > 0 and run["peak_rss_mb"] > 0
+        lat = run["latency_detail"]
+        assert lat["prefill_ms_p20"] <= run["prefill_ms"] <= lat["prefill_ms_p80"] and lat["decode_tokens"] == 4
+        assert run["saved_bytes_per_ffn_activation"] > 0 and run["flops_per_token"] > 0
         assert len(run["effective_rank"]) == 2 and all(1.0 <= r <= 64 for r in run["effective_rank"])
         assert len(run["layer_similarity"]) == 3  # embedding + 2 blocks
     # Same token budget for every run; matched parameters (FFN counts within 1%).
@@ -191,10 +194,16 @@ def test_interrupted_sweep_resumes_without_recomputing_finished_runs(cache, tmp_
         ca, cb = a.eval_curve(a.run("polyrelu", 0)["id"]), b.eval_curve(b.run("polyrelu", 0)["id"])
     assert ca[0] == cb[0] and ca[1] == pytest.approx(cb[1], abs=1e-5)
 
-    # 5) A third run of the same command does nothing at all.
+    # 5) A third run of the same command does nothing at all (not even re-timing inference).
+    with SweepDB(out / DB_NAME) as db:
+        sessions = db.conn.execute("SELECT session, COUNT(*) FROM latency GROUP BY session").fetchall()
+    assert [tuple(s) for s in sessions] == [(1, 3)]  # one interleaved session over all three runs
     calls.clear()
     run_sweep(cfg, out, progress=False)
     assert calls == []
+    with SweepDB(out / DB_NAME) as db:
+        assert db.conn.execute("SELECT COUNT(*) FROM latency").fetchone()[0] == 3
+        assert db.run("swiglu", 0) == first
 
 
 def test_futility_rule_stops_a_trailing_candidate_and_says_why(cache, tmp_path):

@@ -8,6 +8,8 @@ It holds everything a report needs, so ``polycom report DIR`` re-renders from it
   the training summary, the post-training measurements, stop reason, error, timestamps.
 - ``metrics``: every record of the run's ``metrics.jsonl`` (train / eval / coeffs / event),
   ingested after the run (and re-ingested on resumption, last record per step wins).
+- ``latency``: inference latency per run, by measuring session; one session measures
+  all runs interleaved, so the latest session's figures are comparable with each other.
 
 SQLite commits are atomic and durable, so a sweep killed at any moment leaves the
 database as it was after its last commit.
@@ -61,6 +63,13 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (run_id, seq)
 );
 CREATE INDEX IF NOT EXISTS metrics_by_kind ON metrics (run_id, kind, step);
+CREATE TABLE IF NOT EXISTS latency (
+    session     INTEGER NOT NULL,
+    run_id      INTEGER NOT NULL REFERENCES runs(id),
+    result_json TEXT NOT NULL,
+    measured_at TEXT NOT NULL,
+    PRIMARY KEY (session, run_id)
+);
 """
 
 # Outcomes that a re-run keeps (a crash, "failed", is retried; "diverged" is a result).
@@ -218,6 +227,23 @@ class SweepDB:
                 ],
             )
         return len(ordered)
+
+    # ------------------------------------------------------------------ latency sessions
+    def latest_latency(self) -> Dict[int, Dict[str, Any]]:
+        """run id -> latency of the most recent session (empty if none)."""
+        row = self.conn.execute("SELECT MAX(session) AS s FROM latency").fetchone()
+        if row is None or row["s"] is None:
+            return {}
+        rows = self.conn.execute("SELECT run_id, result_json FROM latency WHERE session = ?", (row["s"],))
+        return {r["run_id"]: json.loads(r["result_json"]) for r in rows}
+
+    def add_latency_session(self, results: Dict[int, Dict[str, Any]]) -> int:
+        row = self.conn.execute("SELECT COALESCE(MAX(session), 0) + 1 AS s FROM latency").fetchone()
+        session, now = int(row["s"]), utc_now()
+        with self.conn:
+            self.conn.executemany("INSERT INTO latency (session, run_id, result_json, measured_at) VALUES (?, ?, ?, ?)",
+                                  [(session, run_id, _dumps(sanitize(r)), now) for run_id, r in results.items()])
+        return session
 
     def metrics(self, run_id: int, kind: Optional[str] = None) -> List[Dict[str, Any]]:
         if kind is None:

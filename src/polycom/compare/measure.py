@@ -3,10 +3,9 @@
 All measured on the run's final weights, on CPU, in the sweep's process:
 
 - ``prefill_ms``: one forward over a ``prompt_tokens``-long prompt from the validation
-  split (median over repeats after a warm-up).
-- ``decode_ms_per_token``: greedy decoding with the KV cache; the per-token time is
-  (time to generate 1 + N tokens - time to generate 1 token) / N, so the prefill cancels
-  (medians over repeats).
+  split, building the KV cache; ``decode_ms_per_token``: N greedy single-token steps on
+  that cache, divided by N. Medians (and p20/p80) over repeats after a warm-up, measured
+  for all runs of the sweep in one interleaved session (:func:`interleaved_latency`).
 - ``saved_bytes_per_ffn_activation``: bytes the FFN activation keeps for the backward
   pass on a training-shaped batch, counted exactly with
   ``torch.autograd.graph.saved_tensors_hooks`` while inside the activation module (each
@@ -163,35 +162,64 @@ def find_polycom_modules(model: nn.Module) -> List[PolyCom]:
 
 # --------------------------------------------------------------------------- measurements
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, lazy init)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _prefill_and_decode(model: nn.Module, prompt: torch.Tensor, decode_tokens: int):
+    """One timed prefill (forward over the prompt, building the KV cache) and one timed
+    greedy decode of ``decode_tokens`` single-token steps on that cache; seconds."""
+    t0 = time.perf_counter()
+    out = model(prompt, use_cache=True)
+    t1 = time.perf_counter()
+    next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    for _ in range(decode_tokens):
+        out = model(next_id, kv_cache=out.kv_cache)
+        next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1) / decode_tokens
 
 
-def inference_latency(model: nn.Module, prompt: torch.Tensor, decode_tokens: int, repeats: int) -> Dict[str, float]:
-    """Prefill latency (one forward over the prompt, building the KV cache) and per-token
-    greedy decode latency (``decode_tokens`` single-token steps on that cache, divided by
-    their number), each the median over ``repeats`` timed repeats after a warm-up."""
-    model.eval()
+def _quantiles(times: List[float]) -> Dict[str, float]:
+    arr = np.asarray(times) * 1e3
+    return {"median": float(np.median(arr)), "p20": float(np.percentile(arr, 20)), "p80": float(np.percentile(arr, 80))}
+
+
+def interleaved_latency(models: Dict[Any, nn.Module], prompt: torch.Tensor, decode_tokens: int, repeats: int) -> Dict[Any, Dict[str, Any]]:
+    """Inference latency of several models measured in the same time window.
+
+    Each repeat times every model once (prefill, then per-token decode with the KV cache),
+    in an order rotated from repeat to repeat, after one warm-up round; medians and
+    p20/p80 per model. Interleaving matters on a shared machine: load that comes and goes
+    hits every model alike, so their ratios stay meaningful.
+    """
+    keys = list(models)
+    prefill: Dict[Any, List[float]] = {k: [] for k in keys}
+    decode: Dict[Any, List[float]] = {k: [] for k in keys}
+    for m in models.values():
+        m.eval()
     with torch.inference_mode():
-        prefill = _median_time(lambda: model(prompt, use_cache=True), repeats)
-        first = model(prompt, use_cache=True)
+        for k in keys:  # warm-up round (allocations, lazy init)
+            _prefill_and_decode(models[k], prompt, decode_tokens)
+        for r in range(repeats):
+            shift = r % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                p, d = _prefill_and_decode(models[k], prompt, decode_tokens)
+                prefill[k].append(p)
+                decode[k].append(d)
+    out = {}
+    for k in keys:
+        pq, dq = _quantiles(prefill[k]), _quantiles(decode[k])
+        out[k] = {"prefill_ms": pq["median"], "prefill_ms_p20": pq["p20"], "prefill_ms_p80": pq["p80"],
+                  "decode_ms_per_token": dq["median"], "decode_ms_per_token_p20": dq["p20"], "decode_ms_per_token_p80": dq["p80"],
+                  "prompt_tokens": int(prompt.shape[1]), "decode_tokens": int(decode_tokens), "repeats": int(repeats)}
+    return out
 
-        def decode():
-            out = first
-            next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-            for _ in range(decode_tokens):
-                out = model(next_id, kv_cache=out.kv_cache)
-                next_id = out.logits[:, -1].argmax(dim=-1, keepdim=True)
 
-        per_token = _median_time(decode, repeats) / decode_tokens
-    return {"prefill_ms": prefill * 1e3, "decode_ms_per_token": per_token * 1e3,
-            "prompt_tokens": int(prompt.shape[1]), "decode_tokens": int(decode_tokens), "repeats": int(repeats)}
+def latency_prompt(dataset, measure_cfg, seq_len: int, max_seq_len: int):
+    """The prompt (first validation window, batch 1) and the number of tokens to decode,
+    clipped so prompt + decoded tokens fit the model's context."""
+    seq_len = min(int(measure_cfg.seq_len or seq_len), max_seq_len)
+    x, _ = next(iter(dataset.eval_batches(1, seq_len, 1)))
+    prompt_len = max(1, min(measure_cfg.prompt_tokens, seq_len, max_seq_len - measure_cfg.decode_tokens))
+    decode = max(1, min(measure_cfg.decode_tokens, max_seq_len - prompt_len))
+    return x[:, :prompt_len].clone(), decode
 
 
 def saved_bytes_per_activation(model: nn.Module, activation: str, input_ids: torch.Tensor, targets: torch.Tensor) -> Dict[str, Any]:
@@ -280,7 +308,7 @@ def polycom_coefficients(model: nn.Module) -> List[Dict[str, Any]]:
 
 
 def measure_model(model: nn.Module, activation: str, dataset, measure_cfg, seq_len: int, max_seq_len: int) -> Dict[str, Any]:
-    """Run every measurement on a trained model (see the module docstring).
+    """Every per-model measurement but latency (see :func:`interleaved_latency`).
 
     Inputs come from ``dataset.eval_batches`` (fixed validation windows, independent of
     the seed), so every run is measured on the same tokens.
@@ -289,12 +317,6 @@ def measure_model(model: nn.Module, activation: str, dataset, measure_cfg, seq_l
     result: Dict[str, Any] = {}
     seq_len = min(int(measure_cfg.seq_len or seq_len), max_seq_len)
     batches = list(dataset.eval_batches(measure_cfg.batch_size, seq_len, max(1, measure_cfg.similarity_batches)))
-
-    # Prompt + decoded tokens must fit the model's context (RoPE table of max_seq_len).
-    prompt_len = max(1, min(measure_cfg.prompt_tokens, seq_len, max_seq_len - measure_cfg.decode_tokens))
-    decode = max(1, min(measure_cfg.decode_tokens, max_seq_len - prompt_len))
-    prompt = batches[0][0][:1, :prompt_len].clone()
-    result.update(inference_latency(model, prompt, decode, measure_cfg.latency_repeats))
 
     ids, targets = batches[0]
     result.update(saved_bytes_per_activation(model, activation, ids, targets))

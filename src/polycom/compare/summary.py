@@ -29,10 +29,11 @@ def _f(x) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def run_record(db: SweepDB, row: Dict[str, Any]) -> Dict[str, Any]:
+def run_record(db: SweepDB, row: Dict[str, Any], latency: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Per-run figures (the ``runs`` entries of summary.json)."""
     summary = row.get("summary") or {}
-    meas = row.get("measurements") or {}
+    meas = dict(row.get("measurements") or {})
+    meas.update(latency or {})
     params = row.get("params") or {}
     tokens, losses = db.eval_curve(row["id"])
     train = db.metrics(row["id"], "train")
@@ -69,6 +70,8 @@ def run_record(db: SweepDB, row: Dict[str, Any]) -> Dict[str, Any]:
         "flops_per_token": params.get("flops_per_token"),
         "prefill_ms": _f(meas.get("prefill_ms")),
         "decode_ms_per_token": _f(meas.get("decode_ms_per_token")),
+        "latency_detail": {k: meas.get(k) for k in ("prefill_ms_p20", "prefill_ms_p80", "decode_ms_per_token_p20",
+                                                    "decode_ms_per_token_p80", "prompt_tokens", "decode_tokens", "repeats")},
         "saved_bytes_per_ffn_activation": _f(meas.get("saved_bytes_per_ffn_activation")),
         "saved_bytes_ratio": _f(meas.get("saved_bytes_ratio")),
         "effective_rank": ranks,
@@ -197,7 +200,8 @@ def build_summary(db: SweepDB) -> Dict[str, Any]:
     baseline = cfg_dict["activations"][0]
     wanted = [(a, s) for a in cfg_dict["activations"] for s in cfg_dict["seeds"]]
     rows = {(r["activation"], r["seed"]): r for r in db.runs()}
-    runs = [run_record(db, rows[k]) for k in wanted if k in rows]
+    latency = db.latest_latency()
+    runs = [run_record(db, rows[k], latency.get(rows[k]["id"])) for k in wanted if k in rows]
 
     # Tokens to target: first point each run's validation curve reaches the baseline's
     # final validation loss (same seed; else the baseline mean).

@@ -151,6 +151,10 @@ class Progress:
         self.total = total
         self.start = time.monotonic()
 
+    def note(self, what: str) -> None:
+        if self.enabled:
+            print(f"[compare | {(time.monotonic() - self.start) / 60:5.1f} min] {what}", file=sys.stderr, flush=True)
+
     def say(self, index: int, activation: str, seed: int, what: str) -> None:
         if not self.enabled:
             return
@@ -252,6 +256,7 @@ def run_sweep(
                 row = _measure_one(db, cfg, row, run_cfg, run_path, dataset, Transformer, show, index)
             if on_run_done is not None:
                 on_run_done(row)
+        _measure_latency(db, cfg, out_dir, order, Transformer, show, dataset)
         return db.runs()
     finally:
         db.close()
@@ -337,7 +342,7 @@ def _train_one(db, cfg, row, run_cfg, run_path, train, count_parameters, model_f
 def _measure_one(db, cfg, row, run_cfg, run_path, dataset, Transformer, show, index) -> RunRow:
     from .measure import measure_model
 
-    show.say(index, row["activation"], row["seed"], "measuring (latency, saved bytes, effective rank, layer similarity)")
+    show.say(index, row["activation"], row["seed"], "measuring (saved bytes for backward, effective rank, layer similarity)")
     model = load_trained_model(run_path, run_cfg, Transformer)
     t0 = time.monotonic()
     measurements = measure_model(model, row["activation"], dataset, cfg.measure,
@@ -345,6 +350,29 @@ def _measure_one(db, cfg, row, run_cfg, run_path, dataset, Transformer, show, in
     measurements["measure_wall_s"] = time.monotonic() - t0
     db.update_run(row["id"], measurements_json=measurements, measured_at=utc_now())
     return db.run_by_id(row["id"])
+
+
+def _measure_latency(db, cfg, out_dir, order, Transformer, show, dataset) -> None:
+    """Inference latency of every measured run in one interleaved session (skipped when the
+    latest session already covers all of them, so a finished sweep is not re-measured)."""
+    from ..data import prepare_data
+    from .measure import interleaved_latency, latency_prompt
+
+    rows = [db.run(a, s) for a, s in order]
+    rows = [r for r in rows if r and r["status"] in DONE_STATUSES and r["measured_at"]]
+    if not rows:
+        return
+    latest = db.latest_latency()
+    if all(r["id"] in latest for r in rows):
+        return
+    show.note(f"inference latency: {len(rows)} models interleaved, {cfg.measure.latency_repeats} repeats")
+    run_cfg = run_config_for(cfg, rows[0]["activation"], rows[0]["seed"])
+    if dataset is None:
+        dataset = prepare_data(run_cfg.data, run_cfg.data.resolved_cache_dir())
+    models = {r["id"]: load_trained_model(out_dir / r["out_dir"], run_config_for(cfg, r["activation"], r["seed"]), Transformer)
+              for r in rows}
+    prompt, decode = latency_prompt(dataset, cfg.measure, run_cfg.train.seq_len, run_cfg.model.max_seq_len)
+    db.add_latency_session(interleaved_latency(models, prompt, decode, cfg.measure.latency_repeats))
 
 
 def load_trained_model(run_path: Path, run_cfg, Transformer):
