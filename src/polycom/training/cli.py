@@ -18,7 +18,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", help=f"a TOML file or a preset name ({', '.join(list_presets())}); default: tiny")
+    parser.add_argument("--config", default=None,
+                        help=f"a TOML file or a preset name ({', '.join(list_presets())}); default: tiny, or with --resume the run's saved config")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config fields, e.g. model.activation=polynorm train.max_steps=200")
     parser.add_argument("--out", required=True, help="run folder (config, metrics.jsonl, checkpoint, summary)")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         saved = out_dir / "config.json"
         if not (out_dir / "checkpoint.pt").exists():
             raise UserError(f"--resume: {out_dir} holds no checkpoint.pt to resume from")
-        config_source = args.config if args.config != "tiny" or not saved.is_file() else None
+        config_source = args.config if args.config is not None or not saved.is_file() else None
         if config_source is None:  # resume the saved config unless one was named explicitly
             try:
                 saved_cfg = json.loads(saved.read_text())
@@ -45,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
             cfg = apply_overrides(RunConfig.from_dict(saved_cfg), args.overrides).validate()
         else:
-            cfg = load_config(config_source, args.overrides)
+            cfg = load_config(config_source or "tiny", args.overrides)
     else:
         if (out_dir / "checkpoint.pt").exists():
             raise UserError(f"run folder {out_dir} already holds a run; pass --resume to continue it, or choose a new --out")
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config or "tiny", args.overrides)
     summary = train(cfg, out_dir, resume=args.resume, progress=not args.no_progress, cache_dir=args.cache_dir)
     val = summary["final_val_loss"]
     print(
