@@ -74,6 +74,9 @@ def run(args) -> int:
     from .smollm2 import load_model
 
     register()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our log lines are the progress; errors stay one line
     model, tokenizer, source = load_model(cfg.model)
     if not find_ffn_sites(model):
         raise UserError(f"no MLP this converter knows in {type(model).__name__} (model_type "
