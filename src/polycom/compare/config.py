@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -24,7 +24,6 @@ All measured on the run's final weights, on CPU, in the sweep's process:
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from typing import Any, Dict, List, Optional
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 import polycom
-from polycom.activations import GatedActivation, PolyCom
+from polycom.activations import PolyCom
 
 
 # --------------------------------------------------------------------------- peak memory

@@ -6,7 +6,7 @@ None when there is nothing to draw (e.g. coefficient trajectories without a Poly
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import matplotlib
 
@@ -61,9 +61,12 @@ def plot_loss(db: SweepDB, summary: Dict[str, Any], path: Path, x_key: str) -> O
         return None
     fig, ax = plt.subplots(figsize=(8, 4.8))
     scale = 1e6 if x_key == "tokens" else 1.0
+    labelled = set()
+    n_seeds = len(summary["seeds"])
     for act, seed, train, evals, _ in curves:
         c = _color(acts, act)
-        label = f"{display_name(act)} (seed {seed})" if len(summary["seeds"]) > 1 else display_name(act)
+        label = None if act in labelled else (f"{display_name(act)} ({n_seeds} seeds)" if n_seeds > 1 else display_name(act))
+        labelled.add(act)
         tx = [r.get(x_key) for r in train]
         if train and all(x is not None for x in tx):
             ax.plot(np.asarray(tx) / scale, _smooth([r["loss"] for r in train]), color=c, alpha=0.35, lw=1)
@@ -285,13 +288,15 @@ def plot_grad_norms(db: SweepDB, summary: Dict[str, Any], path: Path) -> Optiona
     curves = _run_curves(db, summary)
     fig, ax = plt.subplots(figsize=(8, 3.8))
     drawn = False
+    labelled = set()
     for act, seed, train, _, _ in curves:
         pts = [(r["tokens"], r["grad_norm"]) for r in train if r.get("grad_norm") is not None and r.get("tokens") is not None]
         if not pts:
             continue
         drawn = True
         ax.plot(np.asarray([p[0] for p in pts]) / 1e6, [p[1] for p in pts], color=_color(acts, act), lw=1,
-                label=f"{display_name(act)}" + (f" s{seed}" if len(summary["seeds"]) > 1 else ""))
+                label=None if act in labelled else display_name(act))
+        labelled.add(act)
     if not drawn:
         plt.close(fig)
         return None

@@ -11,7 +11,7 @@ import math
 from typing import Any, Dict, List, Optional
 
 from . import stats
-from .config import CompareConfig, Thresholds
+from .config import Thresholds
 from .db import DONE_STATUSES, SweepDB
 from .verdict import decide_all, display_name
 
@@ -184,8 +184,10 @@ def limits_of_evidence(cfg: Dict[str, Any], runs: List[Dict[str, Any]], meta: Di
                                  "Intervals are t-intervals over seeds; with few seeds they are wide."),
         f"Data: {data.get('corpus')} ({data.get('tokenizer')} tokenizer, vocabulary {model.get('vocab_size') or data.get('vocab_size')}); "
         "one small corpus, validation loss only, no downstream tasks.",
-        f"Timing: CPU ({meta.get('cpu_threads')} threads, {meta.get('platform', '?')}), medians; the machine may be shared, "
-        "so step-time and latency ratios carry a few percent of noise. GPU kernels would change the cost picture.",
+        f"Cost: CPU ({meta.get('cpu_threads')} threads, {meta.get('platform', '?')}); step times are medians after warm-up, "
+        "latencies medians of one interleaved session. On a shared machine step-time ratios carry noise of several percent; "
+        "GPU kernels would change the cost picture. Peak RSS is the sweep process's peak during each run (freed memory is "
+        "returned to the OS before each run, but later runs can carry a few MiB of leftovers).",
     ]
     return out
 
