@@ -129,7 +129,7 @@ def plot_val_bands(db: SweepDB, summary: Dict[str, Any], path: Path) -> Optional
 
 
 def _bars(ax, acts, values: Dict[str, Dict[str, Any]], title: str, ylabel: str, fmt: str = "{:.0f}") -> bool:
-    names, means, errs = [], [], []
+    names, means, lower, upper = [], [], [], []
     for a in acts:
         m = values.get(a) or {}
         if m.get("mean") is None:
@@ -137,11 +137,13 @@ def _bars(ax, acts, values: Dict[str, Dict[str, Any]], title: str, ylabel: str, 
         names.append(display_name(a))
         means.append(m["mean"])
         ci = m.get("ci95")
-        errs.append((m["mean"] - ci[0]) if ci else 0.0)
+        # The interval, clipped at zero (these quantities are positive).
+        lower.append(min(m["mean"] - ci[0], m["mean"]) if ci else 0.0)
+        upper.append(ci[1] - m["mean"] if ci else 0.0)
     if not names:
         ax.set_visible(False)
         return False
-    bars = ax.bar(names, means, yerr=errs if any(errs) else None, capsize=4,
+    bars = ax.bar(names, means, yerr=[lower, upper] if any(upper) else None, capsize=4,
                   color=[_color(acts, a) for a in acts if (values.get(a) or {}).get("mean") is not None])
     for bar, v in zip(bars, means):
         ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
