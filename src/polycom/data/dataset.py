@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 from ..utils.io import atomic_dir
 from .corpus import Corpus, load_corpus
-from .tokenizer import Tokenizer, build_tokenizer, _chunks
+from .tokenizer import Tokenizer, build_tokenizer, chunk_lines
 
 __all__ = ["Dataset", "prepare_data", "token_dtype"]
 
@@ -100,7 +100,7 @@ class Dataset:
 def _encode_docs(tokenizer: Tokenizer, docs, handle, dtype: np.dtype) -> int:
     count = 0
     for doc in docs:
-        pieces = list(_chunks([doc]))
+        pieces = list(chunk_lines([doc]))
         for ids in tokenizer.encode_batch(pieces):
             arr = np.asarray(ids, dtype=dtype)
             arr.tofile(handle)

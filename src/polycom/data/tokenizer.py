@@ -89,12 +89,13 @@ class BPETokenizer(Tokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(_chunks(train_docs), trainer=trainer)
+        tok.train_from_iterator(chunk_lines(train_docs), trainer=trainer)
         atomic_write_text(path, tok.to_str())
         return cls(tok, key)
 
 
-def _chunks(docs: Sequence[str], lines_per_chunk: int = 2000):
+def chunk_lines(docs: Sequence[str], lines_per_chunk: int = 2000):
+    """Pieces of ~lines_per_chunk whole lines (keeps BPE training and batch encoding in bounded memory)."""
     for doc in docs:
         lines = doc.splitlines(keepends=True)
         for i in range(0, len(lines), lines_per_chunk):
