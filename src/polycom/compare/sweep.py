@@ -343,10 +343,18 @@ def _measure_one(db, cfg, row, run_cfg, run_path, dataset, Transformer, show, in
     from .measure import measure_model
 
     show.say(index, row["activation"], row["seed"], "measuring (saved bytes for backward, effective rank, layer similarity)")
-    model = load_trained_model(run_path, run_cfg, Transformer)
     t0 = time.monotonic()
-    measurements = measure_model(model, row["activation"], dataset, cfg.measure,
-                                 seq_len=run_cfg.train.seq_len, max_seq_len=run_cfg.model.max_seq_len)
+    try:
+        model = load_trained_model(run_path, run_cfg, Transformer)
+        measurements = measure_model(model, row["activation"], dataset, cfg.measure,
+                                     seq_len=run_cfg.train.seq_len, max_seq_len=run_cfg.model.max_seq_len)
+    except (KeyboardInterrupt, UserError):
+        raise
+    except Exception as exc:  # keep the training result; a re-run measures again
+        show.say(index, row["activation"], row["seed"], f"measurement FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc(file=sys.stderr)
+        db.update_run(row["id"], measurements_json={"error": f"{type(exc).__name__}: {exc}"})
+        return db.run_by_id(row["id"])
     measurements["measure_wall_s"] = time.monotonic() - t0
     db.update_run(row["id"], measurements_json=measurements, measured_at=utc_now())
     return db.run_by_id(row["id"])
@@ -372,7 +380,13 @@ def _measure_latency(db, cfg, out_dir, order, Transformer, show, dataset) -> Non
     models = {r["id"]: load_trained_model(out_dir / r["out_dir"], run_config_for(cfg, r["activation"], r["seed"]), Transformer)
               for r in rows}
     prompt, decode = latency_prompt(dataset, cfg.measure, run_cfg.train.seq_len, run_cfg.model.max_seq_len)
-    db.add_latency_session(interleaved_latency(models, prompt, decode, cfg.measure.latency_repeats))
+    try:
+        results = interleaved_latency(models, prompt, decode, cfg.measure.latency_repeats)
+    except Exception as exc:  # the trained runs stand; the report shows n/a and a re-run measures again
+        show.note(f"inference latency FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc(file=sys.stderr)
+        return
+    db.add_latency_session(results)
 
 
 def load_trained_model(run_path: Path, run_cfg, Transformer):
