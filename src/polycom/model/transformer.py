@@ -125,6 +125,8 @@ class Transformer(nn.Module):
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                continue  # meta device (shape-only models for counting): nothing to initialise
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_output = name.endswith(".wo") or name.endswith(".down")
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
