@@ -89,3 +89,11 @@ def test_cli_bad_key_and_value_exit_2(tmp_path, capsys):
     assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "not valid TOML" in capsys.readouterr().err
     assert not (tmp_path / "r").exists(), "a rejected config must not create the run folder"
+
+
+def test_compare_presets_are_not_run_presets(tmp_path, capsys):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('[compare]\nbase = "tiny"\n[train]\nmax_steps = 5\n')
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    assert "polycom compare" in capsys.readouterr().err
+    assert "tiny" in list_presets() and all("compare" not in (n) for n in list_presets())

@@ -346,8 +346,18 @@ def apply_overrides(obj: Any, overrides: Sequence[str]) -> Any:
     return obj
 
 
-def list_presets() -> List[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+def list_presets(include_compare: bool = False) -> List[str]:
+    """Bundled presets; ``polycom compare`` configs (with a [compare] table) only when asked."""
+    names = []
+    for path in sorted(PRESET_DIR.glob("*.toml")):
+        if not include_compare:
+            try:
+                if "compare" in tomllib.loads(path.read_text(encoding="utf-8")):
+                    continue
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+                continue
+        names.append(path.stem)
+    return names
 
 
 def preset_path(path_or_preset: str) -> Path:
@@ -355,7 +365,7 @@ def preset_path(path_or_preset: str) -> Path:
     candidate = Path(path_or_preset).expanduser()
     if candidate.is_file():
         return candidate
-    named = PRESET_DIR / f"{path_or_preset}.toml"
+    named = PRESET_DIR / f"{path_or_preset}.toml"  # compare presets resolve too; load_config says what they are
     if "/" not in str(path_or_preset) and named.is_file():
         return named
     if candidate.exists():
@@ -373,6 +383,8 @@ def load_config(path_or_preset: str | None = None, overrides: Sequence[str] = ()
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config {path} is not valid TOML: {exc}") from None
+        if "compare" in data:
+            raise UserError(f"config {path} is a compare experiment, not a single run; use: polycom compare --config {path_or_preset}")
         cfg = RunConfig.from_dict(data)
     apply_overrides(cfg, overrides)
     return cfg.validate()
