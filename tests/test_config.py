@@ -91,9 +91,13 @@ def test_cli_bad_key_and_value_exit_2(tmp_path, capsys):
     assert not (tmp_path / "r").exists(), "a rejected config must not create the run folder"
 
 
-def test_compare_presets_are_not_run_presets(tmp_path, capsys):
+def test_compare_presets_are_not_run_presets(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('[compare]\nbase = "tiny"\n[train]\nmax_steps = 5\n')
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
     assert "polycom compare" in capsys.readouterr().err
-    assert "tiny" in list_presets() and all("compare" not in (n) for n in list_presets())
+    import polycom.config as config_module
+
+    monkeypatch.setattr(config_module, "PRESET_DIR", tmp_path)
+    (tmp_path / "run.toml").write_text("[train]\nmax_steps = 5\n")
+    assert list_presets() == ["run"] and list_presets(include_compare=True) == ["exp", "run"]
