@@ -31,13 +31,14 @@ def _parameters(order, dtype=torch.float32, seed=0):
     return weight, bias
 
 
-@pytest.fixture(params=["default", "tiny", "functional"], ids=["blocks-default", "blocks-tiny", "functional"])
+@pytest.fixture(params=["default", "tiny", "tiny-serial", "functional"], ids=["blocks-default", "blocks-tiny", "blocks-tiny-serial", "functional"])
 def block_elements(request, monkeypatch):
     """Run the blocked eager CPU kernels with their normal block size and with blocks of a
     few rows (the multi-block loop and its last, partial block), and the functional form
     that torch.compile and other devices use, in eager mode."""
-    if request.param == "tiny":
+    if request.param.startswith("tiny"):
         monkeypatch.setattr(_common, "BLOCK_ELEMENTS", 300)
+        monkeypatch.setattr(_common, "BLOCK_THREADS", 1 if request.param == "tiny-serial" else 2)
     if request.param == "functional":
         monkeypatch.setattr(_common, "BLOCKED_EAGER", False)
     return request.param

@@ -47,7 +47,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import compute_dtype, no_autocast, rows_per_block, use_blocked_eager
+from ._common import compute_dtype, for_each_block, no_autocast, rows_per_block, use_blocked_eager
 
 __all__ = ["poly_norm_fused", "PolyNormFunction"]
 
@@ -135,12 +135,15 @@ def _forward_blocked(rows2d, weight_ascending, bias, eps, dtype):
     convert = rows2d.dtype != dtype
     out = torch.empty_like(rows2d, memory_format=torch.contiguous_format)
     inverse_rms = torch.empty((num_rows, order), dtype=dtype, device=rows2d.device)
-    x_work = torch.empty((block, width), dtype=dtype) if convert else None
-    square_work = torch.empty((block, width), dtype=dtype)
-    power_work = torch.empty((block, width), dtype=dtype) if order > 1 else None
-    acc_work = torch.empty((block, width), dtype=dtype) if (convert and order > 1) else None
-    for start in range(0, num_rows, block):
-        stop = min(start + block, num_rows)
+
+    def workspace():
+        def buffer():
+            return torch.empty((block, width), dtype=dtype)
+
+        return (buffer() if convert else None, buffer(), buffer() if order > 1 else None, buffer() if convert and order > 1 else None)
+
+    def process(start, stop, work):
+        x_work, square_work, power_work, acc_work = work
         size = stop - start
         x = rows2d[start:stop]
         if convert:
@@ -167,6 +170,8 @@ def _forward_blocked(rows2d, weight_ascending, bias, eps, dtype):
             torch.mul(acc, x, out=target)
         else:
             torch.addcmul(bias, acc, x, out=target)
+
+    for_each_block(num_rows, block, workspace, process)
     return out, inverse_rms
 
 
@@ -178,13 +183,22 @@ def _backward_blocked(rows2d, grad2d, inverse_rms, weight_ascending, need_input_
     convert_grad = grad2d.dtype != dtype
     grad_dot_powers = torch.empty_like(inverse_rms)
     grad_input = torch.empty_like(rows2d, memory_format=torch.contiguous_format) if need_input_grad else None
-    x_work = torch.empty((block, width), dtype=dtype) if convert_x else None
-    grad_work = torch.empty((block, width), dtype=dtype) if convert_grad else None
-    moment_work = torch.empty((block, width), dtype=dtype)
-    slope_work = torch.empty((block, width), dtype=dtype) if need_input_grad and order > 1 else None
-    correction_work = torch.empty((block, width), dtype=dtype) if need_input_grad and order > 1 else None
-    for start in range(0, num_rows, block):
-        stop = min(start + block, num_rows)
+    two_buffers = need_input_grad and order > 1
+
+    def workspace():
+        def buffer():
+            return torch.empty((block, width), dtype=dtype)
+
+        return (
+            buffer() if convert_x else None,
+            buffer() if convert_grad else None,
+            buffer(),
+            buffer() if two_buffers else None,
+            buffer() if two_buffers else None,
+        )
+
+    def process(start, stop, work):
+        x_work, grad_work, moment_work, slope_work, correction_work = work
         size = stop - start
         x = rows2d[start:stop]
         if convert_x:
@@ -200,7 +214,7 @@ def _backward_blocked(rows2d, grad2d, inverse_rms, weight_ascending, need_input_
         block_dots = torch.stack(sums, -1)
         grad_dot_powers[start:stop] = block_dots
         if not need_input_grad:
-            continue
+            return
         k_times_c, d = _backward_coefficients(inverse_rms[start:stop], weight_ascending, block_dots, width)
         # dx = g * sum_k k c_k x^{k-1} - x * sum_k d_k x^{2k-2}
         if order == 1:
@@ -214,6 +228,8 @@ def _backward_blocked(rows2d, grad2d, inverse_rms, weight_ascending, need_input_
             _horner_into(correction, square, d)  # Horner in x^2
             scaled = slope.mul_(grad)
         torch.addcmul(scaled, x, correction, value=-1, out=grad_input[start:stop])
+
+    for_each_block(num_rows, block, workspace, process)
     return grad_input, grad_dot_powers
 
 

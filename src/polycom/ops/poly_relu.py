@@ -99,10 +99,12 @@ def _forward_blocked(flat, weight_ascending, bias, dtype):
     block = _elements_per_block(numel)
     convert = flat.dtype != dtype
     out = torch.empty(numel, dtype=flat.dtype, device=flat.device)
-    rho_work = torch.empty(block, dtype=dtype)
-    acc_work = torch.empty(block, dtype=dtype) if order > 1 else None
-    for start in range(0, numel, block):
-        stop = min(start + block, numel)
+
+    def workspace():
+        return torch.empty(block, dtype=dtype), (torch.empty(block, dtype=dtype) if order > 1 else None)
+
+    def process(start, stop, work):
+        rho_work, acc_work = work
         size = stop - start
         if convert:
             rho = rho_work[:size].copy_(flat[start:stop]).clamp_min_(0)
@@ -117,6 +119,8 @@ def _forward_blocked(flat, weight_ascending, bias, dtype):
             torch.mul(acc, rho, out=out[start:stop])
         else:
             torch.addcmul(bias, acc, rho, out=out[start:stop])
+
+    _common.for_each_block(numel, block, workspace, process)
     return out
 
 
@@ -128,13 +132,22 @@ def _backward_blocked(flat, grad_flat, weight_ascending, need_input_grad, need_w
     convert_grad = grad_flat.dtype != dtype
     grad_input = torch.empty(numel, dtype=flat.dtype) if need_input_grad else None
     k_times_w = weight_ascending * torch.arange(1, order + 1, dtype=dtype)
-    rho_work = torch.empty(block, dtype=dtype)
-    grad_work = torch.empty(block, dtype=dtype) if convert_grad else None
-    moment_work = torch.empty(block, dtype=dtype) if need_weight_grad else None
-    slope_work = torch.empty(block, dtype=dtype) if need_input_grad else None
-    partial_sums: List[torch.Tensor] = []
-    for start in range(0, numel, block):
-        stop = min(start + block, numel)
+    # one row of partial sums per block, summed in a fixed order afterwards (deterministic)
+    partial_sums = torch.empty(((numel + block - 1) // block, order), dtype=dtype) if need_weight_grad else None
+
+    def workspace():
+        def buffer():
+            return torch.empty(block, dtype=dtype)
+
+        return (
+            buffer(),
+            buffer() if convert_grad else None,
+            buffer() if need_weight_grad else None,
+            buffer() if need_input_grad else None,
+        )
+
+    def process(start, stop, work):
+        rho_work, grad_work, moment_work, slope_work = work
         size = stop - start
         x = flat[start:stop]
         if convert_x:
@@ -149,7 +162,7 @@ def _backward_blocked(flat, grad_flat, weight_ascending, need_input_grad, need_w
             sums = [moment.sum()]
             for _ in range(1, order):
                 sums.append(moment.mul_(rho).sum())
-            partial_sums.append(torch.stack(sums))
+            partial_sums[start // block] = torch.stack(sums)
         if need_input_grad:
             # dx = g * [x > 0] * sum_k k w_k rho^{k-1}
             if order == 1:
@@ -159,7 +172,9 @@ def _backward_blocked(flat, grad_flat, weight_ascending, need_input_grad, need_w
                 _horner_into(slope, rho, k_times_w)
                 slope.mul_(grad)
             torch.mul(slope, x > 0, out=grad_input[start:stop])
-    grad_dot_powers = torch.stack(partial_sums).sum(0) if need_weight_grad else None
+
+    _common.for_each_block(numel, block, workspace, process)
+    grad_dot_powers = partial_sums.sum(0) if need_weight_grad else None
     return grad_input, grad_dot_powers
 
 
