@@ -11,9 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/pilot.toml",
                         help="compare config TOML (default: configs/pilot.toml; a bundled preset name works too)")
     parser.add_argument("--out", required=True, help="output folder: sweep database, run folders, report")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config value: activations=swiglu,gelu,polynorm, seeds=3, "
-                             "thresholds.adopt_min_speedup=1.2, train.max_steps=300, model.d_model=128, ... (repeatable)")
+                             "thresholds.adopt_min_speedup=1.2, train.max_steps=300, model.d_model=128, ... (several after one --set, or repeat --set)")
     parser.add_argument("--stop-if-behind", dest="stop_if_behind", type=float, default=None, metavar="MARGIN",
                         help="futility rule: stop a candidate whose validation loss trails the baseline's at the same "
                              "tokens by more than MARGIN nats (after futility.min_budget_share of the budget)")
