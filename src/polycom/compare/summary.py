@@ -169,15 +169,28 @@ def compare_candidate(runs: List[Dict[str, Any]], baseline: str, activation: str
     }
 
 
+def _config_params(run_cfg: Dict[str, Any]) -> Optional[float]:
+    """Baseline parameter count from the config alone (before any run has finished)."""
+    try:
+        from ..config import RunConfig
+        from ..model import count_parameters
+
+        cfg = RunConfig.from_dict(run_cfg)
+        return float(count_parameters(cfg.model, cfg.model.vocab_size or cfg.data.vocab_size)["total"])
+    except Exception:
+        return None
+
+
 def limits_of_evidence(cfg: Dict[str, Any], runs: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
     run_cfg = cfg.get("run") or {}
     model, train, data = run_cfg.get("model", {}), run_cfg.get("train", {}), run_cfg.get("data", {})
-    params = _mean(r["params"] for r in runs if r.get("params"))
-    tokens = _mean(r["tokens_seen"] for r in runs if r.get("tokens_seen"))
+    params = _mean(r["params"] for r in runs if r.get("params")) or _config_params(run_cfg)
+    tokens = (train.get("max_steps", 0) * train.get("batch_size", 0) * train.get("seq_len", 0)
+              * train.get("grad_accum_steps", 1)) or _mean(r["tokens_seen"] for r in runs if r.get("tokens_seen"))
     n_seeds = len(cfg.get("seeds") or [])
     out = [
         f"Scale: ~{(params or 0) / 1e6:.1f}M parameters ({model.get('n_layers')} layers, d_model {model.get('d_model')}), "
-        f"~{(tokens or 0) / 1e6:.2f}M training tokens per run; the paper's claims are at 1B parameters and 250B tokens. "
+        f"{(tokens or 0) / 1e6:.2f}M training tokens per run; the paper's claims are at 1B parameters and 250B tokens. "
         "Small, short runs favour whatever learns fastest early; effects may shrink, grow or reverse at scale.",
         f"Seeds: {n_seeds}. " + ("With one seed no confidence interval or p-value can be given; seed-to-seed noise "
                                  "at this scale can be as large as the differences measured." if n_seeds < 2 else

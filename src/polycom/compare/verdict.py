@@ -106,6 +106,10 @@ def decide(cmp: Dict[str, Any], baseline: str, th: Thresholds) -> Dict[str, Any]
 
     if cmp.get("diverged"):
         return out("reject", "training diverged: the divergence guard ran out of rollbacks")
+    if n == 0 and not cmp.get("stopped") and not cmp.get("failed"):
+        return {"activation": cmp["activation"], "decision": "pilot-further",
+                "reason": f"{display_name(cmp['activation'])} has no finished run yet, so there is no evidence; "
+                          "re-run the same command to finish the sweep"}
     if cmp.get("failed"):
         return out("pilot-further", "a run crashed, so the evidence is incomplete; fix and re-run the same command")
     if cmp.get("stopped"):
