@@ -178,3 +178,30 @@ def test_verdict_decisions():
     # Thresholds are honoured: a stricter adopt bar turns the same evidence into pilot-further.
     strict = decide(_cmp(), "swiglu", Thresholds(adopt_min_speedup=1.5))
     assert strict["decision"] == "pilot-further" and "1.39x < adopt threshold 1.50x" in strict["reason"]
+
+
+# ----------------------------------------------------------------------------- analyses (measure.py)
+
+def test_effective_rank_by_hand():
+    import torch
+
+    from polycom.compare.measure import effective_rank
+
+    # Singular values 3 and 1: p = (0.75, 0.25), H = -(0.75 ln 0.75 + 0.25 ln 0.25).
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert effective_rank(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(math.exp(h))
+    assert effective_rank(torch.eye(5)) == pytest.approx(5.0)                         # all equal: full rank
+    assert effective_rank(torch.outer(torch.arange(1.0, 4.0), torch.ones(6))) == pytest.approx(1.0)  # rank one
+
+
+def test_layer_cosine_similarity_by_hand():
+    import torch
+
+    from polycom.compare.measure import layer_cosine_similarity
+
+    h0 = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])   # (batch 1, 2 tokens, dim 2)
+    h1 = torch.tensor([[[1.0, 1.0], [0.0, -1.0]]])
+    sim = layer_cosine_similarity([h0, h1])
+    # token 1: cos = 1/sqrt(2); token 2: cos = -1; mean over tokens.
+    assert sim[0, 1] == pytest.approx((1 / math.sqrt(2) - 1) / 2) and sim[1, 0] == sim[0, 1]
+    assert sim[0, 0] == 1.0 and sim[1, 1] == 1.0
