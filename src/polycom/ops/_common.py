@@ -39,28 +39,36 @@ BLOCK_THREADS = 0
 # Tests switch this off to run the functional (compile/off-CPU) path in eager mode.
 BLOCKED_EAGER = True
 
+# Default cap on block threads: the measurements above are for 2 cores, and each block
+# thread's ops may still use OpenMP, so more threads would only oversubscribe bigger CPUs.
+MAX_DEFAULT_BLOCK_THREADS = 2
+
 _POOL = None
+_POOL_PID = None
 _POOL_LOCK = threading.Lock()
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _POOL
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="polycom-block")
+        # a forked child inherits the executor object but not its threads: start a new one
+        if _POOL is None or _POOL_PID != os.getpid():
+            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_DEFAULT_BLOCK_THREADS, thread_name_prefix="polycom-block")
+            _POOL_PID = os.getpid()
         return _POOL
 
 
 def for_each_block(total: int, block: int, make_workspace: Callable[[], object], process: Callable[[int, int, object], None]) -> None:
     """Call ``process(start, stop, workspace)`` for consecutive blocks of ``range(total)``.
 
-    Blocks are handed out one at a time to the calling thread plus up to
-    ``torch.get_num_threads() - 1`` pool threads (each with its own workspace), so a
-    descheduled thread delays only its current block. Blocks must write disjoint outputs.
-    torch releases the GIL while an op computes, so the threads overlap.
+    Blocks are handed out one at a time to the calling thread plus pool threads (up to
+    ``BLOCK_THREADS`` in all, by default min(torch threads, MAX_DEFAULT_BLOCK_THREADS)),
+    each with its own workspace, so a descheduled thread delays only its current block.
+    Blocks must write disjoint outputs. torch releases the GIL while an op computes, so
+    the threads overlap.
     """
     starts = range(0, total, block)
-    workers = min(BLOCK_THREADS or torch.get_num_threads(), len(starts))
+    workers = min(BLOCK_THREADS or min(torch.get_num_threads(), MAX_DEFAULT_BLOCK_THREADS), len(starts))
     if workers <= 1:
         workspace = make_workspace()
         for start in starts:
