@@ -144,10 +144,11 @@ def _backward_blocked(flat, grad_flat, weight_ascending, need_input_grad, need_w
             buffer() if convert_grad else None,
             buffer() if need_weight_grad else None,
             buffer() if need_input_grad else None,
+            buffer() if need_input_grad else None,
         )
 
     def process(start, stop, work):
-        rho_work, grad_work, moment_work, slope_work = work
+        rho_work, grad_work, moment_work, slope_work, mask_work = work
         size = stop - start
         x = flat[start:stop]
         if convert_x:
@@ -164,14 +165,16 @@ def _backward_blocked(flat, grad_flat, weight_ascending, need_input_grad, need_w
                 sums.append(moment.mul_(rho).sum())
             partial_sums[start // block] = torch.stack(sums)
         if need_input_grad:
-            # dx = g * [x > 0] * sum_k k w_k rho^{k-1}
+            # dx = g * [x > 0] * sum_k k w_k rho^{k-1}; [x > 0] = sign(rho) as a float
+            # (multiplying by a bool mask takes a slow mixed-dtype loop: ~10x a float mul)
+            mask = torch.sign(rho, out=mask_work[:size])
             if order == 1:
                 slope = torch.mul(grad, k_times_w[0], out=slope_work[:size])
             else:
                 slope = slope_work[:size]
                 _horner_into(slope, rho, k_times_w)
                 slope.mul_(grad)
-            torch.mul(slope, x > 0, out=grad_input[start:stop])
+            torch.mul(slope, mask, out=grad_input[start:stop])
 
     _common.for_each_block(numel, block, workspace, process)
     grad_dot_powers = partial_sums.sum(0) if need_weight_grad else None
