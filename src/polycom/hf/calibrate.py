@@ -22,9 +22,15 @@ so shared coefficients are fitted exactly on the block output. Per-expert coeffi
 fitted per expert on that expert's own routed contribution (decoupled; the joint problem
 couples the top-k experts of each token).
 
-During the calibration pass each converted FFN computes and returns the ORIGINAL FFN's output (forward
-hook), so every layer sees the inputs the original model would give it: all layers are
-calibrated in one pass, each on its own recorded inputs, independently of the others.
+Two modes, both one forward pass over the calibration tokens:
+
+- ``parallel``: each converted FFN returns the ORIGINAL FFN's output during the pass, so every
+  layer is fitted on the inputs the original model gives it, independently of the others.
+- ``sequential`` (GPTQ-style): the calibration tokens go through as ONE batch; at each FFN the
+  fit is solved as soon as its inputs are recorded, and the FFN then returns its output with
+  the fitted coefficients, so every later layer is fitted on the inputs of the already
+  calibrated swapped model (target: the original FFN applied to those inputs). This lets later
+  layers compensate for the residual errors of earlier ones.
 """
 
 from __future__ import annotations
@@ -125,7 +131,11 @@ class _DenseUnit:
         return full.reshape(*shape[:-1], full.shape[-1])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.observe(x).to(x.dtype)
+        target = self.observe(x).to(x.dtype)
+        if not self.sequential:
+            return target
+        self.solved = self.results(self.ridge)
+        return type(self.site.module).forward(self.site.module, x)
 
     def results(self, ridge: float) -> List[dict]:
         c = self.acc.solve(ridge)
@@ -184,7 +194,11 @@ class _ExpertsUnit:
         return target.to(hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return self.observe(hidden_states, top_k_index, top_k_weights)
+        target = self.observe(hidden_states, top_k_index, top_k_weights)
+        if not self.sequential:
+            return target
+        self.solved = self.results(self.ridge)
+        return type(self.site.module).forward(self.site.module, hidden_states, top_k_index, top_k_weights)
 
     def results(self, ridge: float) -> List[dict]:
         out = []
@@ -219,17 +233,24 @@ def _stats(site: FFNSite, expert: Optional[int], acc: LeastSquares, initial: tor
 
 @torch.no_grad()
 def calibrate(model: nn.Module, original_activations: Dict[str, nn.Module], batches: Iterable[torch.Tensor],
-              ridge: float = 1e-8) -> List[dict]:
+              ridge: float = 1e-8, mode: str = "parallel") -> List[dict]:
     """Fit every PolyCom coefficient set of a gated-converted ``model`` by least squares.
 
     Args:
         model: converted with ``convert(..., ffn="gated")`` (or a plain-FFN model).
         original_activations: ``ConversionReport.original_activations`` (path -> replaced module).
         batches: token-id tensors (batch, seq) to record FFN inputs on.
+        mode: ``parallel`` (each layer on the original model's inputs) or ``sequential`` (each
+            layer on the calibrated swapped model's inputs; the batches are run as one batch).
 
     Returns one dict per coefficient set: module, layer, expert, tokens, relative squared error
     of the FFN output before (initial coefficients) and after the fit, fitted weight and bias.
     """
+    if mode not in ("parallel", "sequential"):
+        raise UserError(f"calibration mode must be parallel or sequential; got {mode!r}")
+    batches = list(batches)
+    if mode == "sequential" and len(batches) > 1:
+        batches = [torch.cat(batches, dim=0)]
     units = []
     patched: List[nn.Module] = []
     for site in find_ffn_sites(model):
@@ -241,6 +262,7 @@ def calibrate(model: nn.Module, original_activations: Dict[str, nn.Module], batc
         if not isinstance(site.activation, PolyCom) and not (isinstance(site.activation, nn.ModuleList)):
             continue
         unit = _ExpertsUnit(site, original) if site.kind == "experts" else _DenseUnit(site, original)
+        unit.sequential, unit.ridge, unit.solved = mode == "sequential", ridge, None
         units.append(unit)
         # The FFN's forward is replaced for the pass: it records features and returns the
         # ORIGINAL FFN's output (the PolyCom output would be discarded, so it is not computed).
@@ -259,5 +281,5 @@ def calibrate(model: nn.Module, original_activations: Dict[str, nn.Module], batc
         model.train(was_training)
     results = []
     for unit in units:
-        results.extend(unit.results(ridge))
+        results.extend(unit.solved if unit.solved is not None else unit.results(ridge))
     return results

@@ -37,6 +37,7 @@ __all__ = ["RetrofitConfig", "retrofit", "prepare_ptb", "perplexity"]
 
 TRAIN_CHOICES = ("mlp", "coeffs", "all")
 DATA_CHOICES = ("ptb",)
+CALIBRATION_CHOICES = ("parallel", "sequential")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class RetrofitConfig:
     grad_clip: float = 1.0
     train: str = "mlp"
     eval_every: int = 5
+    calibration: str = "parallel"
     control: bool = False
     seed: int = 0
     threads: int = 0
@@ -73,6 +75,8 @@ class RetrofitConfig:
             raise UserError(f"activation {self.activation!r} is not a registered PolyCom activation; registered: {', '.join(names)}")
         if self.data not in DATA_CHOICES:
             raise UserError(f"data must be one of {', '.join(DATA_CHOICES)}; got {self.data!r}")
+        if self.calibration not in CALIBRATION_CHOICES:
+            raise UserError(f"calibration must be one of {', '.join(CALIBRATION_CHOICES)}; got {self.calibration!r}")
         if self.train not in TRAIN_CHOICES:
             raise UserError(f"train must be one of {', '.join(TRAIN_CHOICES)}; got {self.train!r}")
         for name, low in (("steps", 0), ("seq_len", 8), ("eval_windows", 1), ("calib_windows", 1), ("batch_size", 1),
@@ -294,7 +298,7 @@ def retrofit(model: nn.Module, tokenizer, cfg: RetrofitConfig, source: Optional[
 
     t = time.perf_counter()
     batches = [data.calib_windows[i:i + cfg.eval_batch_size] for i in range(0, data.calib_windows.shape[0], cfg.eval_batch_size)]
-    calibration = calibrate(model, report.original_activations, batches)
+    calibration = calibrate(model, report.original_activations, batches, mode=cfg.calibration)
     timings["calibration_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     ppl["calibrated_swap"] = perplexity(model, data.eval_windows, cfg.eval_batch_size)
@@ -350,7 +354,7 @@ def render_markdown(result: dict) -> str:
     cfg = result["settings"]
     rows = [("original", "model as loaded"),
             ("naive_swap", f"activation -> {result['activation']} (gated placement, init weight 1/r, bias 0)"),
-            ("calibrated_swap", "coefficients fitted by least squares to each MLP's original output"),
+            ("calibrated_swap", f"coefficients fitted by least squares to each MLP's original output ({cfg.get('calibration', 'parallel')})"),
             ("after_recovery", f"{result['steps']} steps of recovery training ({cfg['train']} parameters, lr {cfg['lr']:g})")]
     if "control_original_trained" in ppl:
         rows.append(("control_original_trained", "ORIGINAL model, same training recipe and data (domain-adaptation control)"))

@@ -18,7 +18,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at run time
 
 from ..errors import UserError
-from .retrofit import DATA_CHOICES, TRAIN_CHOICES, RetrofitConfig
+from .retrofit import CALIBRATION_CHOICES, DATA_CHOICES, TRAIN_CHOICES, RetrofitConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on matrices only (default %(default)s)")
     parser.add_argument("--train", default=d.train, choices=TRAIN_CHOICES,
                         help="what recovery trains: mlp = FFN weights + coefficients (default), coeffs, all")
+    parser.add_argument("--calibration", default=d.calibration, choices=CALIBRATION_CHOICES,
+                        help="parallel: each layer on the original model's inputs; sequential: on the calibrated "
+                             "swapped model's inputs, layer by layer in one pass (default %(default)s)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps for the curve (0: end only)")
     parser.add_argument("--control", action="store_true", help="also train the ORIGINAL model the same way (domain-adaptation control)")
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -49,7 +52,7 @@ def _config(args) -> RetrofitConfig:
                          seq_len=args.seq_len, eval_windows=args.eval_windows, calib_windows=args.calib_windows,
                          batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, train=args.train,
-                         eval_every=args.eval_every, control=args.control, seed=args.seed, threads=args.threads)
+                         eval_every=args.eval_every, calibration=args.calibration, control=args.control, seed=args.seed, threads=args.threads)
     cfg.validate()
     return cfg
 
