@@ -271,6 +271,7 @@ def retrofit(model: nn.Module, tokenizer, cfg: RetrofitConfig, source: Optional[
     from .convert import convert
 
     torch.manual_seed(cfg.seed)
+    versions = _versions()  # at the start: the commit whose code runs, not the one at the end
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
     data = prepare_ptb(tokenizer, cfg)
@@ -345,7 +346,7 @@ def retrofit(model: nn.Module, tokenizer, cfg: RetrofitConfig, source: Optional[
         "curve": recovery["curve"],
         "control_curve": control["curve"] if control else None,
         "events": recovery["events"] + (control["events"] if control else []),
-        "versions": _versions(),
+        "versions": versions,
     }
 
 
