@@ -62,7 +62,7 @@ class RetrofitConfig:
     grad_clip: float = 1.0
     train: str = "mlp"
     eval_every: int = 5
-    calibration: str = "parallel"
+    calibration: str = "sequential"  # measured on SmolLM2: 484 vs 720 calibrated-swap ppl (parallel)
     control: bool = False
     seed: int = 0
     threads: int = 0
