@@ -13,8 +13,8 @@ Backward, with g = dL/dy::
     db   = sum(g)
 
 (relu's derivative at 0 is taken as 0, as torch.relu's backward does.) The saved state
-is x in its own dtype plus the r-element weight: 1.0x the input's bytes, against ~4-6x
-for the naive formula under autograd.
+is x in its own dtype plus the r-element weight: 1.0x the input's bytes, against 3.0x
+for the naive formula under autograd (relu, relu^2 and relu^3 are kept).
 
 Numerics and fp16 range: bf16/fp16 inputs are computed in fp32 and the output is cast
 back to the input's dtype. PolyReLU's cube leaves fp16's range by nature: rho^3 > 65504
