@@ -410,16 +410,17 @@ def render_curve_png(result: dict) -> Optional[bytes]:
     import io
 
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for curve, label in ((result["curve"], f"{result['activation']} (calibrated)"), (result.get("control_curve"), "original (control)")):
+    ppl = result["perplexity"]
+    runs = ((result["curve"], f"{result['activation']} (calibrated swap)", ppl["calibrated_swap"]),
+            (result.get("control_curve"), "original (control)", ppl["original"]))
+    for curve, label, start in runs:
         if not curve:
             continue
         ax_loss.plot([r["step"] for r in curve], [r["train_loss"] for r in curve], label=label)
-        points = [(r["step"], r["val_ppl"]) for r in curve if "val_ppl" in r]
-        if points:
-            ax_ppl.plot(*zip(*points), marker="o", label=label)
-    ppl = result["perplexity"]
-    ax_ppl.axhline(ppl["original"], color="k", linestyle="--", label="original")
-    ax_ppl.axhline(ppl["calibrated_swap"], color="C1", linestyle=":", label="calibrated swap (step 0)")
+        points = [(0, start)] + [(r["step"], r["val_ppl"]) for r in curve if "val_ppl" in r]
+        ax_ppl.plot(*zip(*points), marker="o", label=label)
+    ax_ppl.axhline(ppl["original"], color="k", linestyle="--", label="original, untrained")
+    ax_ppl.set_yscale("log")
     ax_loss.set_xlabel("recovery step"); ax_loss.set_ylabel("train loss"); ax_loss.legend(fontsize=8)
     ax_ppl.set_xlabel("recovery step"); ax_ppl.set_ylabel("PTB val perplexity"); ax_ppl.legend(fontsize=8)
     fig.suptitle(f"Retrofit {result['model']} -> {result['activation']}")
