@@ -28,7 +28,9 @@ def test_real_training_on_ptb_lowers_validation_loss(cache, tmp_path):
     run = tmp_path / "run"
     for name in ("config.json", "meta.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "summary.json"):
         assert (run / name).is_file(), name
-    assert (run / "tensorboard").is_dir()
+    import importlib.util
+    # TensorBoard logging is on when the package is installed (the dev extra installs it).
+    assert (run / "tensorboard").is_dir() == (importlib.util.find_spec("tensorboard") is not None)
     meta = json.loads((run / "meta.json").read_text())
     assert meta["version"] and meta["git_commit"] and meta["torch"] == torch.__version__
     assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 512
