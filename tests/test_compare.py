@@ -78,6 +78,10 @@ def test_full_compare_writes_every_file(full_sweep):
     assert len({r["tokens_seen"] for r in summary["runs"]}) == 1
     ffn = {r["activation"]: r["ffn_params"] for r in summary["runs"]}
     assert max(ffn.values()) / min(ffn.values()) < 1.01
+    # Saved for backward, exact: GELU keeps its input (1x); SwiGLU keeps the gate input for SiLU
+    # and both factors of the product: 3 tensors for 2 inputs (1.5x).
+    ratio = {r["activation"]: r["saved_bytes_ratio"] for r in summary["runs"]}
+    assert ratio["gelu"] == pytest.approx(1.0) and ratio["swiglu"] == pytest.approx(1.5)
     # PolyNorm runs record their coefficients; others do not.
     assert all(r["coefficients"] for r in summary["runs"] if r["activation"] == "polynorm")
     assert not any(r["coefficients"] for r in summary["runs"] if r["activation"] != "polynorm")

@@ -44,6 +44,7 @@ def run_record(db: SweepDB, row: Dict[str, Any], latency: Optional[Dict[str, Any
     grad = stats.summarize_grad_norms([r.get("grad_norm") for r in train])
     ranks = meas.get("effective_rank")
     peak = _f(summary.get("peak_rss_mb_run")) or _f(summary.get("peak_rss_mb"))
+    rss_start = _f(summary.get("rss_at_start_mb"))
     event_counts: Dict[str, int] = {}
     for e in events:
         name = str(e.get("event"))
@@ -64,6 +65,7 @@ def run_record(db: SweepDB, row: Dict[str, Any], latency: Optional[Dict[str, Any
         "step_time_s": _f(summary.get("step_time_s")),
         "train_wall_s": _f(summary.get("wall_time_s")) or (_f(train[-1].get("wall_time_s")) if train else None),
         "peak_rss_mb": peak,
+        "rss_at_start_mb": rss_start,
         "params": params.get("total"),
         "params_detail": {k: v for k, v in params.items() if k != "flops_per_token"} or None,
         "ffn_params": params.get("ffn"),
@@ -199,9 +201,17 @@ def limits_of_evidence(cfg: Dict[str, Any], runs: List[Dict[str, Any]], meta: Di
         "one small corpus, validation loss only, no downstream tasks.",
         f"Cost: CPU ({meta.get('cpu_threads')} threads, {meta.get('platform', '?')}); step times are medians after warm-up, "
         "latencies medians of one interleaved session. On a shared machine step-time ratios carry noise of several percent; "
-        "GPU kernels would change the cost picture. Peak RSS is the sweep process's peak during each run (freed memory is "
-        "returned to the OS before each run, but later runs can carry a few MiB of leftovers).",
+        "GPU kernels would change the cost picture.",
     ]
+    starts = [r["rss_at_start_mb"] for r in runs if r.get("rss_at_start_mb") is not None]
+    retained = (max(starts) - min(starts)) if len(starts) > 1 else None
+    out.append(
+        "Memory: peak RSS is the peak of the one sweep process during each run; freed memory is returned to the OS "
+        "before each run, but memory retained from earlier runs raises later runs' figures"
+        + (f" (here the resident size at a run's start grew by up to {retained:.0f} MiB over the sweep)" if retained else "")
+        + ". Bytes saved for backward per FFN activation are exact and order-independent: prefer them for the "
+        "activation's own memory cost."
+    )
     return out
 
 
