@@ -199,7 +199,7 @@ def limits_of_evidence(cfg: Dict[str, Any], runs: List[Dict[str, Any]], meta: Di
                                  "Intervals are t-intervals over seeds; with few seeds they are wide."),
         f"Data: {data.get('corpus')} ({data.get('tokenizer')} tokenizer, vocabulary {model.get('vocab_size') or data.get('vocab_size')}); "
         "one small corpus, validation loss only, no downstream tasks.",
-        f"Cost: CPU ({meta.get('cpu_threads')} threads, {meta.get('platform', '?')}); step times are medians after warm-up, "
+        f"Cost: CPU ({meta.get('cpu_threads')} thread{'' if meta.get('cpu_threads') == 1 else 's'}, {meta.get('platform', '?')}); step times are medians after warm-up, "
         "latencies medians of one interleaved session. On a shared machine step-time ratios carry noise of several percent; "
         "GPU kernels would change the cost picture.",
     ]
