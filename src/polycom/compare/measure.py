@@ -193,7 +193,10 @@ def interleaved_latency(models: Dict[Any, nn.Module], prompt: torch.Tensor, deco
     decode: Dict[Any, List[float]] = {k: [] for k in keys}
     for m in models.values():
         m.eval()
-    with torch.inference_mode():
+    # no_grad, not inference_mode: the fused PolyCom kernels write outputs from pool threads,
+    # where the thread-local inference mode does not hold and in-place writes into inference
+    # tensors are refused (seen with 2+ torch threads on the tiny preset).
+    with torch.no_grad():
         for k in keys:  # warm-up round (allocations, lazy init)
             _prefill_and_decode(models[k], prompt, decode_tokens)
         for r in range(repeats):
@@ -281,7 +284,7 @@ def saved_bytes_per_activation(model: nn.Module, activation: str, input_ids: tor
 def hidden_state_similarity(model: nn.Module, batches: List[torch.Tensor]) -> Dict[str, Any]:
     model.eval()
     total = None
-    with torch.inference_mode():
+    with torch.no_grad():
         for ids in batches:
             out = model(ids, output_hidden_states=True)
             sim = layer_cosine_similarity(list(out.hidden_states))
