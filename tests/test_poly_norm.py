@@ -302,3 +302,19 @@ def test_saved_for_backward_bytes(dtype):
     naive = saved_bytes(lambda: poly_norm_reference(x, weight, bias, EPS)) / input_bytes
     assert fused <= 1.1, f"fused PolyNorm saves {fused:.3f}x the input for backward (target <= 1.1x)"
     assert naive > 4.0, f"the naive formula saves {naive:.2f}x (documented ~6x)"
+
+
+@pytest.mark.parametrize("make", [polycom.PolyNorm, polycom.PolyReLU])
+def test_inference_mode_with_pool_threads(make, monkeypatch):
+    # The eager kernels write from pool threads; those must run in the caller's inference mode.
+    monkeypatch.setattr(_common, "BLOCK_THREADS", 2)
+    monkeypatch.setattr(_common, "BLOCK_ELEMENTS", 1 << 10)
+    torch.manual_seed(0)
+    act = make()
+    x = torch.randn(64, 96)
+    with torch.no_grad():
+        reference = (poly_norm_reference(x, act.weight, act.bias) if isinstance(act, polycom.PolyNorm)
+                     else polycom.functional.poly_relu(x, act.weight, act.bias, fused=False))
+    with torch.inference_mode():
+        out = act(x)
+    assert torch.allclose(out, reference, atol=1e-5, rtol=1e-5)

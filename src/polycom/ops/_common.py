@@ -75,9 +75,13 @@ def for_each_block(total: int, block: int, make_workspace: Callable[[], object],
             process(start, min(start + block, total), workspace)
         return
     counter = itertools.count()  # next() on a count is atomic under the GIL
+    # Grad mode and inference mode are thread-local: pool threads must run in the caller's
+    # inference mode, or in-place writes into outputs made under torch.inference_mode() fail.
+    inference = torch.is_inference_mode_enabled()
 
     def work() -> None:
-        with torch.no_grad():  # grad mode is thread-local; out= ops refuse inputs that require grad
+        # no_grad: out= ops refuse inputs that require grad
+        with torch.inference_mode(inference), torch.no_grad():
             workspace = make_workspace()
             while True:
                 index = next(counter)
