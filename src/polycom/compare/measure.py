@@ -214,6 +214,42 @@ def interleaved_latency(models: Dict[Any, nn.Module], prompt: torch.Tensor, deco
     return out
 
 
+def interleaved_step_time(models: Dict[Any, nn.Module], batch, repeats: int) -> Dict[Any, Dict[str, float]]:
+    """Training step time (forward + backward + AdamW update on one fixed batch) of several
+    models in the same time window, rotated per round after a warm-up round; median and
+    p20/p80 per model. The sequential runs' own step times are taken minutes apart and a
+    shared machine's load can change in between; these ratios are the comparable ones.
+    The models are copies: their weights change, the runs' saved weights do not."""
+    import copy
+
+    x, y = batch
+    work = {k: copy.deepcopy(m).train() for k, m in models.items()}
+    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in work.items()}
+    keys = list(work)
+
+    def step(k):
+        out = work[k](x, targets=y)
+        out.loss.backward()
+        optims[k].step()
+        optims[k].zero_grad(set_to_none=True)
+
+    for k in keys:
+        step(k)
+    times: Dict[Any, List[float]] = {k: [] for k in keys}
+    for r in range(repeats):
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            t0 = time.perf_counter()
+            step(k)
+            times[k].append(time.perf_counter() - t0)
+    out = {}
+    for k in keys:
+        q = _quantiles(times[k])
+        out[k] = {"step_time_interleaved_s": q["median"] / 1e3, "step_time_interleaved_p20_s": q["p20"] / 1e3,
+                  "step_time_interleaved_p80_s": q["p80"] / 1e3}
+    return out
+
+
 def latency_prompt(dataset, measure_cfg, seq_len: int, max_seq_len: int):
     """The prompt (first validation window, batch 1) and the number of tokens to decode,
     clipped so prompt + decoded tokens fit the model's context."""

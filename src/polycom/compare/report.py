@@ -207,7 +207,9 @@ def render_markdown(summary: Dict[str, Any], plots: Dict[str, Path]) -> str:
     lines += ["", "### Limits of the evidence", ""] + [f"- {t}" for t in summary["limits"]]
     lines += ["", "## Candidates against the baseline", "",
               f"Ratios are candidate / {base}; delta is candidate minus {base} (negative = better). "
-              "Wall-clock speedup = tokens-to-target speedup / step-time ratio.", "",
+              "Wall-clock speedup = tokens-to-target speedup / step-time ratio. Step-time ratio from "
+              + (summary["comparisons"][0].get("step_time_source", "run medians") if summary["comparisons"] else "run medians")
+              + " (an interleaved session times every model's training step in the same window).", "",
               _md_table(COMPARISON_HEADER, comparison_rows(summary)), ""]
     lines += ["## Per activation (mean [95% CI] over seeds)", "", _md_table(ACTIVATION_HEADER, activation_rows(summary)), ""]
     lines += ["## Per run", "", _md_table(RUN_HEADER, run_rows(summary)), ""]

@@ -364,7 +364,7 @@ def _measure_latency(db, cfg, out_dir, order, Transformer, show, dataset) -> Non
     """Inference latency of every measured run in one interleaved session (skipped when the
     latest session already covers all of them, so a finished sweep is not re-measured)."""
     from ..data import prepare_data
-    from .measure import interleaved_latency, latency_prompt
+    from .measure import interleaved_latency, interleaved_step_time, latency_prompt
 
     rows = [db.run(a, s) for a, s in order]
     rows = [r for r in rows if r and r["status"] in DONE_STATUSES and r["measured_at"]]
@@ -382,6 +382,11 @@ def _measure_latency(db, cfg, out_dir, order, Transformer, show, dataset) -> Non
     prompt, decode = latency_prompt(dataset, cfg.measure, run_cfg.train.seq_len, run_cfg.model.max_seq_len)
     try:
         results = interleaved_latency(models, prompt, decode, cfg.measure.latency_repeats)
+        show.note(f"training step time: {len(rows)} models interleaved, {cfg.measure.latency_repeats} rounds")
+        x, y = dataset.get_batch("train", 0, 0, run_cfg.train.batch_size, run_cfg.train.seq_len)
+        steps = interleaved_step_time(models, (x, y), cfg.measure.latency_repeats)
+        for k in results:
+            results[k].update(steps.get(k, {}))
     except Exception as exc:  # the trained runs stand; the report shows n/a and a re-run measures again
         show.note(f"inference latency FAILED: {type(exc).__name__}: {exc}")
         traceback.print_exc(file=sys.stderr)
