@@ -39,6 +39,11 @@ cores, 6-13x over widths 1024..8256, 2-5x in bf16; bench/activations.md). Under
 ``torch.compile`` and off-CPU the functional block functions below run once on the whole
 tensor and Inductor fuses the statistics into one reduction and the polynomial into one
 pointwise kernel (0.8x the time of compiled ``F.rms_norm`` with a gain, forward+backward).
+
+Double backward (gradient penalties, Hessian-vector products, ``create_graph=True``) is
+not supported: the backward is ``once_differentiable`` and differentiating it raises
+``RuntimeError``. The reference, ``polycom.functional.poly_norm(..., fused=False)``, is
+plain autograd ops and supports it (checked with ``torch.autograd.gradgradcheck``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ weights) stays finite in fp16 up to x ~ 255.
 Execution mirrors :mod:`polycom.ops.poly_norm`: cache-sized blocks with reused
 workspaces in eager CPU mode, plain functional ops on the whole tensor (fused by
 Inductor) under ``torch.compile`` or off-CPU.
+
+Double backward (gradient penalties, Hessian-vector products, ``create_graph=True``) is
+not supported: the backward is ``once_differentiable`` and differentiating it raises
+``RuntimeError``. The reference, ``polycom.functional.poly_relu(..., fused=False)``, is
+plain autograd ops and supports it (checked with ``torch.autograd.gradgradcheck``).
 """
 
 from __future__ import annotations
