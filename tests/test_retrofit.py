@@ -218,3 +218,71 @@ def test_sequential_calibration_fits_each_layer_on_the_swapped_models_inputs():
     assert fitted["sequential"][1]["relative_error_after"] == pytest.approx(measured, rel=1e-3)
     with pytest.raises(UserError, match="parallel or sequential"):
         calibrate(model, report.original_activations, [x], mode="backwards")
+
+
+def _tiny_llama(vocab_size, max_positions=64):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=max_positions))
+
+
+def test_seq_len_beyond_context_length_is_rejected(tiny_llama_folder, tmp_path, capsys):
+    out = tmp_path / "never"
+    argv = ["retrofit", "--model", tiny_llama_folder, "--out", str(out), *ARGS]
+    err = _run_expect_user_error(argv + ["--seq-len", "100000"], capsys)
+    assert "seq_len 100000" in err and "maximum is 64" in err
+    err = _run_expect_user_error(argv + ["--seq-len", "65"], capsys)
+    assert "maximum is 64" in err
+    assert not out.exists()
+
+
+def test_max_positions_per_family():
+    from transformers import GPT2Config, LlamaConfig, MistralConfig
+
+    from polycom.hf.retrofit import RetrofitConfig, check_model_fits, max_positions
+
+    assert max_positions(LlamaConfig(max_position_embeddings=256)) == 256
+    assert max_positions(GPT2Config(n_positions=128)) == 128
+    mistral = MistralConfig(max_position_embeddings=4096, sliding_window=512)
+    assert max_positions(mistral) == 4096  # the window is not a hard limit when an absolute one exists
+    from types import SimpleNamespace
+
+    assert max_positions(SimpleNamespace(sliding_window=512)) == 512  # fallback when nothing else is named
+    assert max_positions(SimpleNamespace()) is None
+    model = _tiny_llama(100, max_positions=64)
+    check_model_fits(model, None, RetrofitConfig(model="m", out="o", seq_len=64))  # the limit itself is fine
+    with pytest.raises(UserError, match="maximum is 64"):
+        check_model_fits(model, None, RetrofitConfig(model="m", out="o", seq_len=65))
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_rejected(tmp_path, capsys):
+    folder = tmp_path / "small-vocab"
+    tokenizer = _ptb_tokenizer(folder)
+    assert len(tokenizer) > 100
+    _tiny_llama(100).save_pretrained(folder)
+    out = tmp_path / "never"
+    err = _run_expect_user_error(["retrofit", "--model", str(folder), "--out", str(out), *ARGS], capsys)
+    assert f"tokenizer has {len(tokenizer)} tokens" in err and "embedding table has 100 rows" in err
+    assert not out.exists()
+    # the library entry point checks too, before any data is prepared or the model is run
+    from polycom.hf.retrofit import RetrofitConfig, retrofit
+
+    with pytest.raises(UserError, match="embedding table has 100 rows"):
+        retrofit(_tiny_llama(100), tokenizer, RetrofitConfig(model=str(folder), out=str(out), seq_len=32), log=lambda m: None)
+
+
+def test_model_folder_without_tokenizer_is_rejected_with_a_complete_message(tmp_path, capsys):
+    folder = tmp_path / "no-tokenizer"
+    _tiny_llama(100).save_pretrained(folder)
+    out = tmp_path / "never"
+    err = _run_expect_user_error(["retrofit", "--model", str(folder), "--out", str(out), *ARGS], capsys)
+    assert f"no tokenizer in {str(folder)!r}" in err and "tokenizer.json" in err and "save the tokenizer" in err
+    assert not err.rstrip().endswith(":")
+    # tokenizer files present but unusable: the whole transformers message, on one line
+    (folder / "tokenizer_config.json").write_text("{}")
+    err = _run_expect_user_error(["retrofit", "--model", str(folder), "--out", str(out), *ARGS], capsys)
+    assert err.startswith(f"error: cannot load a tokenizer from {str(folder)!r}") and not err.rstrip().endswith(":")
+    assert not out.exists()

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import UserError
 
-__all__ = ["RetrofitConfig", "retrofit", "prepare_ptb", "perplexity"]
+__all__ = ["RetrofitConfig", "retrofit", "prepare_ptb", "perplexity", "max_positions", "check_model_fits"]
 
 TRAIN_CHOICES = ("mlp", "coeffs", "all")
 DATA_CHOICES = ("ptb",)
@@ -89,6 +89,54 @@ class RetrofitConfig:
             raise UserError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
         if not self.out:
             raise UserError("out must name an output folder")
+
+
+# Config attributes that bound the positions a model can attend over, by family convention.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
+
+
+def max_positions(config) -> Optional[int]:
+    """The longest sequence the model supports, from its config; None when the config names none.
+
+    The sliding window is used only when the config has no absolute limit.
+    """
+    for key in _POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def _vocab_rows(model: nn.Module) -> Optional[int]:
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    rows = getattr(embedding, "num_embeddings", None)
+    return rows if isinstance(rows, int) else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_model_fits(model: nn.Module, tokenizer, cfg: RetrofitConfig) -> None:
+    """UserError when ``cfg`` asks for more positions than the model has, or the tokenizer's
+    vocabulary is larger than the model's embedding table (token ids would index past it)."""
+    limit = max_positions(getattr(model, "config", None))
+    if limit is not None and cfg.seq_len > limit:
+        raise UserError(f"seq_len {cfg.seq_len} exceeds the model's context length; the maximum is {limit}")
+    rows = _vocab_rows(model)
+    if rows is not None and tokenizer is not None and len(tokenizer) > rows:
+        raise UserError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding table has {rows:,} rows; "
+                        f"give the tokenizer the model was trained with")
+
+
+def _check_token_ids(data: "PTBData", model: nn.Module) -> None:
+    rows = _vocab_rows(model)
+    if rows is None:
+        return
+    top = max(int(data.valid.max()), int(data.train.max()))
+    if top >= rows:
+        raise UserError(f"the tokenizer produces token id {top} but the model's embedding table has {rows:,} rows; "
+                        f"give the tokenizer the model was trained with")
 
 
 @dataclass
@@ -270,11 +318,13 @@ def retrofit(model: nn.Module, tokenizer, cfg: RetrofitConfig, source: Optional[
     from .calibrate import calibrate
     from .convert import convert
 
+    check_model_fits(model, tokenizer, cfg)
     torch.manual_seed(cfg.seed)
     versions = _versions()  # at the start: the commit whose code runs, not the one at the end
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
     data = prepare_ptb(tokenizer, cfg)
+    _check_token_ids(data, model)
     timings["data_s"] = round(time.perf_counter() - t0, 2)
     log(f"data: {data.valid.numel():,} validation tokens; eval {tuple(data.eval_windows.shape)}, "
         f"calibration {tuple(data.calib_windows.shape)}, {cfg.steps} x {cfg.batch_size} x {cfg.seq_len} training tokens")

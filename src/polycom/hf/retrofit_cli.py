@@ -2,8 +2,9 @@
 
     polycom retrofit --model smollm2-135m --activation polynorm --steps 20 --data ptb --out runs/retrofit
 
-Everything a user can get wrong (model path, model with no known MLP, activation name,
-option values) is checked BEFORE the output folder is created: one line, exit code 2,
+Everything a user can get wrong (model path, missing tokenizer, model with no known MLP,
+activation name, option values, --seq-len beyond the model's context length, a tokenizer
+larger than the model's vocabulary) is checked BEFORE the output folder is created: one line, exit code 2,
 nothing written. Results: ``retrofit.json`` (perplexities, steps, times, settings,
 per-layer calibration, curve), ``retrofit.md`` (table), ``curve.png`` (with matplotlib);
 every file is written atomically.
@@ -73,7 +74,7 @@ def run(args) -> int:
     from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
     from .convert import find_ffn_sites, supported_families_text
     from .registry import register
-    from .retrofit import render_curve_png, render_markdown, retrofit
+    from .retrofit import check_model_fits, render_curve_png, render_markdown, retrofit
     from .smollm2 import load_model
 
     register()
@@ -86,6 +87,7 @@ def run(args) -> int:
                         f"{getattr(model.config, 'model_type', '?')!r}); supported families: {supported_families_text()}")
     if getattr(model.config, "polycom", None):
         raise UserError(f"{cfg.model!r} is already converted to {model.config.polycom.get('activation')}; give the original model")
+    check_model_fits(model, tokenizer, cfg)
     _log(f"loaded {source['name']} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters)")
 
     result = retrofit(model, tokenizer, cfg, source=source, log=_log)

