@@ -236,17 +236,23 @@ def interleaved_step_time(models: Dict[Any, nn.Module], batch, repeats: int) -> 
     for k in keys:
         step(k)
     times: Dict[Any, List[float]] = {k: [] for k in keys}
-    for r in range(repeats):
+    # At least 10 rounds: with 5, one burst of load on a shared machine moved a ratio by 25%.
+    for r in range(max(int(repeats), 10)):
         shift = r % len(keys)
         for k in keys[shift:] + keys[:shift]:
             t0 = time.perf_counter()
             step(k)
             times[k].append(time.perf_counter() - t0)
     out = {}
+    first = keys[0]
     for k in keys:
         q = _quantiles(times[k])
+        # Paired ratio to the first model (the baseline: runs are ordered baseline first): the
+        # median over rounds of (this / first) in the same round cancels load shared by both.
+        paired = float(np.median(np.asarray(times[k]) / np.asarray(times[first])))
         out[k] = {"step_time_interleaved_s": q["median"] / 1e3, "step_time_interleaved_p20_s": q["p20"] / 1e3,
-                  "step_time_interleaved_p80_s": q["p80"] / 1e3}
+                  "step_time_interleaved_p80_s": q["p80"] / 1e3, "step_time_paired_ratio": paired,
+                  "step_time_paired_to": first}
     return out
 
 

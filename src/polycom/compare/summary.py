@@ -64,6 +64,7 @@ def run_record(db: SweepDB, row: Dict[str, Any], latency: Optional[Dict[str, Any
         "tokens_per_s": _f(summary.get("tokens_per_s")),
         "step_time_s": _f(summary.get("step_time_s")),
         "step_time_interleaved_s": _f(meas.get("step_time_interleaved_s")),
+        "step_time_paired_ratio": _f(meas.get("step_time_paired_ratio")),
         "train_wall_s": _f(summary.get("wall_time_s")) or (_f(train[-1].get("wall_time_s")) if train else None),
         "peak_rss_mb": peak,
         "rss_at_start_mb": rss_start,
@@ -133,7 +134,14 @@ def compare_candidate(runs: List[Dict[str, Any]], baseline: str, activation: str
     speed_ci = stats.mean_ci(speedups) if all_reached else {"mean": None, "ci95": None}
     # Step-time ratio from the interleaved timing session where every run has one (robust to
     # load that changed between the sequential runs), else from the runs' own medians.
-    step_key = "step_time_interleaved_s" if all(r.get("step_time_interleaved_s") for r in runs if r["status"] in DONE_STATUSES) else "step_time_s"
+    # Best: the per-round paired ratio of that session (load shared by both sides cancels).
+    done = [r for r in runs if r["status"] in DONE_STATUSES]
+    if done and all(r.get("step_time_paired_ratio") for r in done):
+        step_key = "step_time_paired_ratio"
+    elif all(r.get("step_time_interleaved_s") for r in done):
+        step_key = "step_time_interleaved_s"
+    else:
+        step_key = "step_time_s"
     step_ratio = stats.ratio(_mean(r[step_key] for r in mine if r["status"] in DONE_STATUSES),
                              _mean(r[step_key] for r in runs if r["activation"] == baseline and r["status"] in DONE_STATUSES))
 
@@ -159,7 +167,8 @@ def compare_candidate(runs: List[Dict[str, Any]], baseline: str, activation: str
         "tokens_to_target_speedup": tokens_speedup,
         "tokens_to_target_speedup_ci95": speed_ci["ci95"],
         "step_time_ratio": step_ratio,
-        "step_time_source": "interleaved session" if step_key == "step_time_interleaved_s" else "run medians",
+        "step_time_source": {"step_time_paired_ratio": "interleaved session, median of per-round ratios",
+                             "step_time_interleaved_s": "interleaved session"}.get(step_key, "run medians"),
         "throughput_ratio": ratio_of("tokens_per_s"),
         "memory_ratio": ratio_of("peak_rss_mb"),
         "saved_bytes_ratio": ratio_of("saved_bytes_per_ffn_activation"),
