@@ -282,3 +282,37 @@ def test_resuming_with_a_different_run_config_is_refused(full_sweep, cache, tmp_
     # The database was not modified by the refused command.
     with sqlite3.connect(target / DB_NAME) as conn:
         assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 6
+
+
+def test_a_train_preset_is_accepted_as_the_base_run_config(tmp_path, capsys):
+    # tiny.toml is a run config with model.activation = "swiglu"; compare sets that per run.
+    cfg = load_compare_config("tiny", ["activations=swiglu,polynorm", "train.max_steps=4"])
+    assert cfg.activations == ["swiglu", "polynorm"] and cfg.base == "tiny" and cfg.run.train.max_steps == 4
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('[model]\nactivation = "gelu"\nd_model = 64\n[train]\nmax_steps = 3\n')
+    cfg = load_compare_config(str(run_file), ["activations=swiglu,gelu"])
+    assert cfg.run.model.d_model == 64 and cfg.run.train.max_steps == 3 and cfg.base == str(run_file)
+    # An explicit model.activation is still refused.
+    code = polycom_main(["compare", "--config", "tiny", "--out", str(tmp_path / "x"), "--set", "model.activation=gelu"])
+    assert code == 2 and "set per run by compare" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "sets, needles",
+    [
+        (["activations=swiglu,identity"], ["unknown activation 'identity'", "allowed: relu", "polynorm", "geglu"]),
+        (["activations=gelu,polycom"], ["unknown activation 'polycom'"]),
+        (["activations=gelu,swiglu", "model.ffn=plain"], ["'swiglu'", "model.ffn"]),
+        (["activations=swiglu,gelu", "data.corpus=/nonexistent/corpus.txt"], ["does not exist"]),
+        (["activations=swiglu,gelu", "data.vocab_size=300", "train.seq_len=100000", "model.max_seq_len=100000"], ["too small"]),
+    ],
+)
+def test_errors_before_training_leave_no_output(sets, needles, cache, tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(polycom.training, "train", lambda *a, **k: calls.append(a))
+    out = tmp_path / "x"
+    code = polycom_main(["compare", "--config", "tiny", "--out", str(out), "--set", *micro_sets(cache), *sets])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and all(n in err for n in needles), err
+    assert not out.exists() and calls == []

@@ -73,8 +73,29 @@ def test_apply_overrides_generic_dataclass():
 
 
 def test_every_activation_validates():
+    import polycom
+    from polycom.config import GATED_ACTIVATIONS
+    from polycom.model import Transformer
+
     for act in ACTIVATIONS:
-        ModelConfig(activation=act).validate()
+        cfg = ModelConfig(activation=act, d_model=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=16)
+        cfg.validate()  # raises on a bad config
+        gated = act in GATED_ACTIVATIONS
+        assert cfg.ffn_kind == ("gated" if gated else "plain"), act
+        ffn = Transformer(cfg).blocks[0].ffn
+        assert ffn.kind == cfg.ffn_kind and hasattr(ffn, "gate") == gated, act
+        assert type(ffn.act) is type(polycom.get_activation(act)), (act, type(ffn.act))
+        # Matched parameters: the plain FFN is plain_ffn_ratio times wider than the gated one.
+        assert ffn.hidden_size == (128 if gated else 192), (act, ffn.hidden_size)
+
+
+def test_unknown_top_level_key_lists_the_sections(capsys, tmp_path):
+    with pytest.raises(UserError) as exc:
+        apply_overrides(RunConfig(), ["nope=1"])
+    assert "allowed: model, data, train" in str(exc.value) and "nope.model" not in str(exc.value)
+    assert main(["train", "--set", "nope=1", "--out", str(tmp_path / "r")]) == 2
+    assert "allowed: model, data, train" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_bad_key_and_value_exit_2(tmp_path, capsys):

@@ -106,6 +106,28 @@ def test_atomic_writers_leave_nothing_half_written(tmp_path):
     assert (tmp_path / "f.txt").read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writers_give_normal_permissions(tmp_path, umask):
+    import stat
+
+    from polycom.utils.io import atomic_save_torch, atomic_write_bytes, atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        files = [atomic_write_text(tmp_path / "t.txt", "x"), atomic_write_bytes(tmp_path / "b.bin", b"x"),
+                 atomic_write_json(tmp_path / "j.json", {}), atomic_save_torch(tmp_path / "m.pt", {"a": 1})]
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "a.bin").write_bytes(b"x")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        (tmp_path / "plaindir").mkdir()
+    finally:
+        os.umask(old)
+    for path in files:  # not mkstemp's 0600: what open() gives
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask == stat.S_IMODE(plain.stat().st_mode), path
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask == stat.S_IMODE((tmp_path / "plaindir").stat().st_mode)
+
+
 def _bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "small.txt").write_text("just a few words\n\nand another\n")
@@ -131,6 +153,7 @@ def test_bad_corpus_inputs_exit_2_one_line_nothing_cached(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2, (name, err)
         assert err.startswith("error:") and "\n" not in err and needle in err, (name, err)
+        assert not (tmp_path / "run" / name.replace(" ", "_")).exists(), name  # no empty run folder left behind
     leftovers = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
     assert leftovers == [], leftovers
 

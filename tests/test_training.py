@@ -205,3 +205,38 @@ def test_sigkill_at_a_random_moment_then_resume_matches(cache, tmp_path):
     ref, got = train_losses(tmp_path / "ref"), train_losses(out)
     assert sorted(got) == sorted(ref) == list(range(1, 31))
     assert max(abs(got[s] - ref[s]) for s in ref) < 1e-5
+
+
+def test_cli_short_run_without_a_rate_prints_na(tmp_path, capsys, monkeypatch):
+    import polycom.training.trainer as trainer_module
+
+    def fake_train(cfg, out_dir, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {"status": "completed", "steps": 1, "tokens_seen": 64, "final_val_loss": 5.0, "tokens_per_s": None}
+
+    monkeypatch.setattr(trainer_module, "train", fake_train)
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "n/a tokens/s" in out and "0 tokens/s" not in out, out
+
+
+def test_cli_user_error_leaves_no_new_run_folder(tmp_path, capsys, monkeypatch):
+    import polycom.training.trainer as trainer_module
+    from polycom.errors import UserError
+
+    def failing_train(cfg, out_dir, **kwargs):  # a user error after the folder was made
+        out_dir.mkdir(parents=True, exist_ok=True)
+        raise UserError("bad data")
+
+    monkeypatch.setattr(trainer_module, "train", failing_train)
+    out = tmp_path / "r"
+    assert main(["train", "--config", "tiny", "--out", str(out), "--no-progress"]) == 2
+    assert "bad data" in capsys.readouterr().err and not out.exists()
+    out.mkdir()  # a folder that existed before is kept
+    assert main(["train", "--config", "tiny", "--out", str(out), "--no-progress"]) == 2
+    assert out.is_dir()
+    # The real trainer checks the data before it creates the folder.
+    monkeypatch.undo()
+    missing = tmp_path / "missing"
+    assert main(["train", "--config", "tiny", "--set", f"data.corpus={tmp_path / 'nope.txt'}", "--out", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.exists()

@@ -315,7 +315,8 @@ def _coerce(value: Any, ftype: Any, full_key: str, from_text: bool) -> Any:
 def _set_field(obj: Any, full_key: str, key: str, value: Any, from_text: bool) -> None:
     known = {f.name: f for f in fields(obj)}
     if key not in known:
-        raise UserError(f"unknown config key {full_key!r} (allowed: {', '.join(full_key.rsplit('.', 1)[0] + '.' + k for k in known)})")
+        prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+        raise UserError(f"unknown config key {full_key!r} (allowed: {', '.join(prefix + k for k in known)})")
     setattr(obj, key, _coerce(value, known[key].type, full_key, from_text))
 
 

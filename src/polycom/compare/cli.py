@@ -32,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     start = time.monotonic()
-    paths = run_compare(cfg, out, progress=args.progress)
+    created = not out.exists()
+    try:
+        paths = run_compare(cfg, out, progress=args.progress)
+    except UserError:
+        if created:
+            _remove_if_unused(out)
+        raise
     elapsed = time.monotonic() - start
     _print_verdict(out)
     print(f"\ncompare finished in {elapsed / 60:.1f} min")
@@ -40,6 +46,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"        {paths['markdown']}")
     print(f"        {paths['summary']}")
     return 0
+
+
+def _remove_if_unused(out: Path) -> None:
+    """Remove a folder this invocation created if nothing but its lock file is in it."""
+    from ..utils.io import remove_if_empty
+
+    lock = out / ".compare.lock"
+    if out.is_dir() and all(child == lock for child in out.iterdir()):
+        lock.unlink(missing_ok=True)
+        remove_if_empty(out)
 
 
 def _print_verdict(out: Path) -> None:

@@ -115,16 +115,16 @@ class CompareConfig:
         return self.activations[1:]
 
     def validate(self) -> None:
-        import polycom
-
         if len(self.activations) < 2:
             raise UserError(f"activations needs a baseline and at least one candidate, got {self.activations}")
         if len(set(self.activations)) != len(self.activations):
             raise UserError(f"activations has duplicates: {self.activations}")
-        known = polycom.list_activations()
+        from ..config import ACTIVATIONS
+
+        # The model's FFN accepts these (polycom.list_activations() also has e.g. identity).
         for name in self.activations:
-            if name not in known:
-                raise UserError(f"activations: unknown activation {name!r}; allowed: {', '.join(known)}")
+            if name not in ACTIVATIONS:
+                raise UserError(f"activations: unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
         if not self.seeds:
             raise UserError("seeds must be a count >= 1 or a non-empty list of integers")
         if len(set(self.seeds)) != len(self.seeds):
@@ -134,6 +134,15 @@ class CompareConfig:
         self.measure.validate()
         if self.run is not None:
             self.run.validate()
+            from ..config import RunConfig
+
+            for name in self.activations:  # each run's config must be valid too (e.g. model.ffn=plain vs swiglu)
+                run = RunConfig.from_dict(copy.deepcopy(self.run.to_dict()))
+                run.model.activation = name
+                try:
+                    run.validate()
+                except UserError as exc:
+                    raise UserError(f"activations: {name!r} does not fit the run config: {exc}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         d = {
@@ -328,6 +337,11 @@ def load_compare_config(path: str, overrides: Optional[List[str]] = None, stop_i
     if unknown:
         raise UserError(f"{cfg_path}: unknown section(s) {', '.join(unknown)}; allowed: compare, {', '.join(RUN_SECTIONS)}")
     cfg = CompareConfig()
+    if "compare" not in data:
+        # A run config (e.g. the train preset "tiny"): it is the base every run starts from;
+        # its model.activation is replaced per run, like the base preset's.
+        cfg.base = cfg_path.stem if cfg_path.resolve().parent == PACKAGE_CONFIG_DIR else str(cfg_path)
+        data = {}
     compare_table = data.get("compare", {})
     for key, value in compare_table.items():
         if isinstance(value, dict):

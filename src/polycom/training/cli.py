@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import list_presets, load_config
 from ..errors import UserError
+from ..utils.io import remove_if_empty
 
 __all__ = ["add_arguments", "run"]
 
@@ -51,11 +52,22 @@ def run(args: argparse.Namespace) -> int:
         if (out_dir / "checkpoint.pt").exists():
             raise UserError(f"run folder {out_dir} already holds a run; pass --resume to continue it, or choose a new --out")
         cfg = load_config(args.config or "tiny", args.overrides)
-    summary = train(cfg, out_dir, resume=args.resume, progress=not args.no_progress, cache_dir=args.cache_dir)
+    created = not out_dir.exists()
+    try:
+        summary = train(cfg, out_dir, resume=args.resume, progress=not args.no_progress, cache_dir=args.cache_dir)
+    except UserError:
+        if created:
+            remove_if_empty(out_dir)  # a user error before training: leave no empty folder behind
+        raise
     val = summary["final_val_loss"]
     print(
         f"{summary['status']}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
         f"val loss {val:.4f}" if val is not None else f"{summary['status']}: {summary['steps']} steps",
-        f"| {summary['tokens_per_s'] or 0:,.0f} tokens/s | {out_dir}",
+        f"| {_rate(summary['tokens_per_s'])} tokens/s | {out_dir}",
     )
     return 1 if summary["status"] == "diverged" else 0
+
+
+def _rate(tokens_per_s) -> str:
+    """``1,234`` or ``n/a`` (a run too short to time has no rate)."""
+    return "n/a" if tokens_per_s is None else f"{tokens_per_s:,.0f}"

@@ -193,12 +193,9 @@ def train(
     cfg = RunConfig.from_dict(run_config.to_dict()).validate()  # private copy
     tc = cfg.train
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create run folder {out_dir}: {exc.strerror or exc}") from None
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+    # Device and data first: a config or data error leaves no run folder behind.
     device = _device(tc)
 
     dataset = prepare_data(cfg.data, cache_dir)
@@ -207,6 +204,10 @@ def train(
         cfg.model.vocab_size = dataset.vocab_size
     elif cfg.model.vocab_size < dataset.vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {dataset.vocab_size}; set it to 0 (automatic) or >= {dataset.vocab_size}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run folder {out_dir}: {exc.strerror or exc}") from None
 
     ckpt_path = out_dir / "checkpoint.pt"
     state = None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_torch", "atomic_dir", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_torch", "atomic_dir", "fsync_dir", "remove_if_empty"]
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -34,6 +34,22 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+def remove_if_empty(path: PathLike) -> bool:
+    """Remove the folder ``path`` if it is empty; True if it was removed."""
+    try:
+        os.rmdir(path)  # fails (and is a no-op) unless the folder is empty
+    except OSError:
+        return False
+    return True
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: PathLike, write: Callable[[Any], None], mode: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +59,7 @@ def _atomic_write(path: PathLike, write: Callable[[Any], None], mode: str) -> Pa
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -83,6 +100,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent)))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give what mkdir() would
         yield tmp
         for child in tmp.iterdir():
             if child.is_file():
