@@ -14,13 +14,7 @@ from polycom.errors import UserError
 from polycom.hf.tiny import ALL, DENSE, MOE, tiny_model, tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread beats two on shared cores (no oversubscription); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Every family through the whole cycle, in both placements; MoE families also per expert.
 CASES = [(f, "gated", "shared") for f in ALL] + [(f, "paper", "shared") for f in ALL] + \

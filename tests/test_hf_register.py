@@ -8,13 +8,7 @@ from polycom import PolyNorm, PolyReLU
 from polycom.hf.tiny import tiny_config, tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread beats two on shared cores (no oversubscription); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_import_registers_names_in_both_tables():

@@ -12,13 +12,7 @@ from polycom.errors import UserError
 from polycom.hf.calibrate import LeastSquares, calibrate, polycom_basis
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread beats two on shared cores (no oversubscription); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ptb_tokenizer(folder):
