@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable, Optional
 
 from .errors import UserError
 
@@ -53,21 +54,34 @@ def build_parser(argv) -> argparse.ArgumentParser:
 
 
 
+def guarded(body: Callable[[], Optional[int]], interrupted: Optional[str] = None) -> int:
+    """Run a command's body at the CLI boundary: a :class:`UserError` becomes one
+    ``error: ...`` line on stderr and exit code 2 (no traceback); with ``interrupted``
+    given, Ctrl-C prints it and exits 130."""
+    try:
+        return int(body() or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(interrupted, file=sys.stderr)
+        return 130
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         parser = build_parser(argv)
         args = parser.parse_args(argv)
         if not getattr(args, "_run", None):
             parser.print_help()
             return 0 if not argv else 2
-        return int(args._run(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return args._run(args)
+
+    return guarded(body, interrupted="interrupted; re-run the same command to resume")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -289,13 +289,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="polycom bench activations", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        import sys
+    from ..cli import guarded
 
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return guarded(lambda: run(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

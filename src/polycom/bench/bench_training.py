@@ -279,15 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="polycom bench training", description="training tokens/s and step time per activation")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from ..errors import UserError
+    from ..cli import guarded
 
-    try:
-        return run(args)
-    except UserError as exc:
-        import sys
-
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return guarded(lambda: run(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

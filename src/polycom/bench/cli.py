@@ -12,6 +12,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from ..cli import guarded
 from ..errors import UserError
 
 SUBCOMMANDS = {
@@ -58,11 +59,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m polycom.bench", description="benchmarks: " + ", ".join(SUBCOMMANDS))
     add_arguments(parser)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return guarded(lambda: run(args), interrupted="interrupted")

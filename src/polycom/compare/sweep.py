@@ -267,17 +267,11 @@ def run_sweep(
 def _preflight(cfg: CompareConfig) -> None:
     """Check every run config, the device and the data (prepared once; it is cached) up
     front, so a user error raises before the output folder, database or runs/ exist."""
-    from ..data import prepare_data
-    from ..training.trainer import _device
+    from ..training.trainer import prepare_run
 
     run_cfgs = [run_config_for(cfg, activation, cfg.seeds[0]) for activation in cfg.activations]
     run_cfg = run_cfgs[0]
-    _device(run_cfg.train)
-    dataset = prepare_data(run_cfg.data, run_cfg.data.resolved_cache_dir())
-    dataset.check_fits(run_cfg.train.seq_len)
-    vocab = run_cfg.model.vocab_size
-    if vocab and vocab < dataset.vocab_size:
-        raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {dataset.vocab_size}; set it to 0 (automatic) or >= {dataset.vocab_size}")
+    prepare_run(run_cfg, run_cfg.data.resolved_cache_dir())
 
 
 def _lock_folder(out_dir: Path):

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -92,6 +92,20 @@ def _device(train_config) -> torch.device:
     if train_config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is available (use cpu or auto)")
     return torch.device(train_config.device)
+
+
+def prepare_run(cfg: RunConfig, cache_dir=None) -> Tuple[torch.device, Dataset]:
+    """The device and the prepared data of a run, with every user error they can raise
+    (no CUDA, missing or too-small corpus, vocabulary too small) raised before anything is
+    written. Resolves ``cfg.model.vocab_size = 0`` (automatic) to the tokenizer's size, in place."""
+    device = _device(cfg.train)
+    dataset = prepare_data(cfg.data, cache_dir)
+    dataset.check_fits(cfg.train.seq_len)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = dataset.vocab_size
+    elif cfg.model.vocab_size < dataset.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {dataset.vocab_size}; set it to 0 (automatic) or >= {dataset.vocab_size}")
+    return device, dataset
 
 
 def _autocast(device: torch.device, precision: str):
@@ -196,14 +210,7 @@ def train(
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     # Device and data first: a config or data error leaves no run folder behind.
-    device = _device(tc)
-
-    dataset = prepare_data(cfg.data, cache_dir)
-    dataset.check_fits(tc.seq_len)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = dataset.vocab_size
-    elif cfg.model.vocab_size < dataset.vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {dataset.vocab_size}; set it to 0 (automatic) or >= {dataset.vocab_size}")
+    device, dataset = prepare_run(cfg, cache_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
